@@ -1,0 +1,304 @@
+"""Hugging Face DeepSeek-V3 checkpoints: load (bf16/fp32 or block-wise FP8, MTP layers kept) and save.
+
+On disk (the released DeepSeek-V3 layout, which transformers reads):
+  config.json, model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+  model.embed_tokens.weight, model.layers.{i}.*, model.norm.weight, lm_head.weight
+  routed experts one by one: model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight
+  MTP depth k as model.layers.{num_hidden_layers + k - 1}: enorm, hnorm, eh_proj, shared_head.norm, the block's
+  own tensors, and copies of the shared embedding (embed_tokens) and head (shared_head.head)
+In memory (nanoseek): the same names without "model.", experts stacked (mlp.experts.gate_up_proj (E, 2F, H),
+down_proj (E, H, F)), MTP depth k under mtp.{k-1} (block tensors under mtp.{k-1}.block).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.fp8 import BLOCK, dequantize_blockwise
+from nanoseek.model.rope import RotaryEmbedding
+from nanoseek.model.transformer import DeepSeekV3
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # older remote-code checkpoints store this buffer
+_MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+            "shared_head.norm.weight": "norm.weight"}
+_MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says which file or tensor and why."""
+
+
+# ---------------------------------------------------------------------- reading
+class _TensorFiles:
+    """Lazy access to the tensors of a checkpoint directory, whatever its sharding."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"no safetensors files in {directory}")
+            weight_map = None
+        self.handles = {}
+        for name in files:
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{path} is listed in {INDEX_FILE} but does not exist")
+            try:
+                self.handles[name] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path} cannot be read as safetensors ({e}); is it truncated?") from None
+        self.location = {}
+        for name, handle in self.handles.items():
+            for key in handle.keys():
+                self.location[key] = name
+        if weight_map is not None:
+            absent = [k for k, f in weight_map.items() if self.location.get(k) != f]
+            if absent:
+                raise CheckpointError(f"{len(absent)} tensors listed in {INDEX_FILE} are not in their files, "
+                                      f"e.g. {absent[0]!r} in {weight_map[absent[0]]}")
+
+    def keys(self) -> list[str]:
+        return list(self.location)
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.location[key]
+        try:
+            return self.handles[name].get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{self.directory / name}: tensor {key!r} cannot be read ({e}); "
+                                  "is the file truncated?") from None
+
+
+def _hf_to_nanoseek_name(key: str, config: ModelConfig) -> tuple[str | None, str | None]:
+    """-> (nanoseek name, or None when ignored) and, for MTP copies of shared tensors, the tensor they copy."""
+    if key in ("lm_head.weight",):
+        return key, None
+    if key in ("model.embed_tokens.weight", "model.norm.weight"):
+        return key.removeprefix("model."), None
+    m = _LAYER.match(key)
+    if not m:
+        return key, None  # reported as unexpected
+    layer, rest = int(m.group(1)), m.group(2)
+    if layer < config.num_hidden_layers:
+        return f"layers.{layer}.{rest}", None
+    depth = layer - config.num_hidden_layers
+    if rest in _MTP_OWN:
+        return f"mtp.{depth}.{_MTP_OWN[rest]}", None
+    if rest in _MTP_SHARED:
+        return None, _MTP_SHARED[rest]
+    return f"mtp.{depth}.block.{rest}", None
+
+
+def _mtp_depths_present(keys: list[str], config: ModelConfig) -> int:
+    depths = {int(m.group(1)) - config.num_hidden_layers for k in keys if (m := _LAYER.match(k))}
+    return len([d for d in depths if d >= 0])
+
+
+def read_state_dict(directory: str | Path, config: ModelConfig,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a HF-layout checkpoint into nanoseek names (experts stacked, FP8 dequantized), checking shapes."""
+    files = _TensorFiles(Path(directory))
+    keys = files.keys()
+    with torch.device("meta"):
+        expected = {k: v for k, v in DeepSeekV3(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+
+    def load(key: str) -> torch.Tensor:
+        tensor = files.get(key)
+        scale_key = key.removesuffix("weight") + "weight_scale_inv"
+        if tensor.dtype == torch.float8_e4m3fn:
+            if scale_key not in files.location:
+                raise CheckpointError(f"{key} is FP8 but the checkpoint has no {scale_key}")
+            try:
+                return dequantize_blockwise(tensor, files.get(scale_key), BLOCK, dtype or torch.bfloat16)
+            except ValueError as e:
+                raise CheckpointError(f"{key}: {e}") from None
+        if dtype is not None and tensor.is_floating_point() and not key.endswith("e_score_correction_bias"):
+            tensor = tensor.to(dtype)
+        return tensor
+
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    copies: list[tuple[str, str]] = []
+    unexpected = []
+    for key in keys:
+        if key.endswith("weight_scale_inv") or _IGNORED.search(key):
+            continue
+        name, copy_of = _hf_to_nanoseek_name(key, config)
+        if copy_of is not None:
+            copies.append((key, copy_of))
+            continue
+        e = _EXPERT.match(name)
+        if e:
+            experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = load(key)
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        state[name] = load(key)
+
+    for prefix, by_expert in experts.items():
+        if f"{prefix}.gate_up_proj" not in expected:
+            unexpected.extend(f"model.{prefix}.{i}.*" for i in sorted(by_expert)[:1])
+            continue
+        n = config.n_routed_experts
+        missing = [f"{prefix}.{i}.{p}" for i in range(n) for p in ("gate_proj", "up_proj", "down_proj")
+                   if p not in by_expert.get(i, {})]
+        extra = [i for i in by_expert if i >= n]
+        if extra:
+            unexpected.append(f"{prefix}.{extra[0]}.* (expert {extra[0]} of {n})")
+        if missing:
+            raise CheckpointError(f"checkpoint {directory} is missing {len(missing)} expert tensors, "
+                                  f"e.g. {missing[0]}.weight")
+        state[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([by_expert[i]["gate_proj"], by_expert[i]["up_proj"]]) for i in range(n)])
+        state[f"{prefix}.down_proj"] = torch.stack([by_expert[i]["down_proj"] for i in range(n)])
+
+    if unexpected:
+        raise CheckpointError(f"checkpoint {directory} has {len(unexpected)} tensors this config does not use, "
+                              f"e.g. {unexpected[0]!r} (does config.json match the weights?)")
+    if config.tie_word_embeddings and "lm_head.weight" in state:
+        state.pop("lm_head.weight")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing {len(missing)} tensors, e.g. {missing[0]!r}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but the "
+                                  f"config expects {tuple(expected[name].shape)}")
+    for key, copy_of in copies:
+        target = state["embed_tokens.weight"] if copy_of == "embed_tokens.weight" or config.tie_word_embeddings \
+            else state["lm_head.weight"]
+        if not torch.equal(load(key).to(target.dtype), target):
+            raise CheckpointError(f"{key} differs from the main model's {copy_of}; nanoseek's MTP modules share "
+                                  "the embedding and output head, so it cannot hold this checkpoint")
+    return state
+
+
+def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> DeepSeekV3:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = ModelConfig.load(directory)
+    keys = _TensorFiles(directory).keys()
+    present = _mtp_depths_present(keys, config)
+    if present < config.num_nextn_predict_layers and present == 0:
+        warnings.warn(f"{directory} has no MTP layers (config asks for {config.num_nextn_predict_layers}); "
+                      "loading without MTP", stacklevel=2)
+        config = config.replace(num_nextn_predict_layers=0)
+    state = read_state_dict(directory, config, dtype)
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(config)  # non-persistent buffers are not in the checkpoint
+    return model.to(device) if device is not None else model
+
+
+# ---------------------------------------------------------------------- writing
+def to_hf_state_dict(model: DeepSeekV3) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every tensor of the released DeepSeek-V3 layout."""
+    config = model.config
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name.startswith("mtp."):
+            _, depth, rest = name.split(".", 2)
+            prefix = f"model.layers.{config.num_hidden_layers + int(depth)}"
+            own = {v: k for k, v in _MTP_OWN.items()}
+            hf = f"{prefix}.{own[rest]}" if rest in own else f"{prefix}.{rest.removeprefix('block.')}"
+        elif name == "lm_head.weight":
+            hf = name
+        else:
+            hf = f"model.{name}"
+        if hf.endswith("mlp.experts.gate_up_proj"):
+            base = hf.removesuffix("gate_up_proj")
+            for e, (gate, up) in enumerate(zip(*tensor.chunk(2, dim=1), strict=True)):
+                yield f"{base}{e}.gate_proj.weight", gate
+                yield f"{base}{e}.up_proj.weight", up
+        elif hf.endswith("mlp.experts.down_proj"):
+            base = hf.removesuffix("down_proj")
+            for e, down in enumerate(tensor):
+                yield f"{base}{e}.down_proj.weight", down
+        else:
+            yield hf, tensor
+    for depth in range(len(model.mtp)):
+        prefix = f"model.layers.{config.num_hidden_layers + depth}"
+        yield f"{prefix}.embed_tokens.weight", state["embed_tokens.weight"]
+        yield f"{prefix}.shared_head.head.weight", state.get("lm_head.weight", state["embed_tokens.weight"])
+
+
+def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json and safetensors shards, atomically: a crash leaves the old directory (if any) intact."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in to_hf_state_dict(model):
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor.detach().to("cpu").clone()  # clone: safetensors refuses shared storage
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(staging / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+            (staging / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                          "weight_map": weight_map}, indent=2))
+        hf_config = model.config.to_hf_dict()
+        hf_config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target is moved aside first and removed only after the swap."""
+    for f in new.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)

@@ -1,0 +1,71 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Keys and values come from one low-rank latent c_kv = RMSNorm(W_dkv x) of kv_lora_rank values per token,
+plus one RoPE key of qk_rope_head_dim shared by all heads (the "decoupled" RoPE: position lives in a
+separate slice, so the latent stays position-free and cacheable). Queries are optionally low-rank too.
+Per head: q = [q_nope; q_rope], k = [W_uk c_kv; k_rope], v = W_uv c_kv.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.layers import RMSNorm
+from nanoseek.model.rope import apply_rope
+
+LATENT_NORM_EPS = 1e-6  # DeepSeek's q/kv latent norms use the default eps, not rms_norm_eps
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.n_heads = c.num_attention_heads
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                                   bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.softmax_scale = c.softmax_scale
+
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, hidden) -> q (B, S, heads, qk_head_dim)."""
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.unflatten(-1, (self.n_heads, self.config.qk_head_dim))
+
+    def project_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, hidden) -> normalised latent (B, S, kv_lora_rank), un-rotated RoPE key (B, S, 1, rope_dim)."""
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split(
+            [self.config.kv_lora_rank, self.config.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(latent), k_rope.unsqueeze(2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over x (B, S, hidden) in the expanded form (keys/values materialised)."""
+        c = self.config
+        q = self.project_query(x)
+        q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.project_latent(x)
+        q_rope = apply_rope(q_rope, cos, sin, c.rope_interleave)
+        k_rope = apply_rope(k_rope, cos, sin, c.rope_interleave)
+
+        kv = self.kv_b_proj(latent).unflatten(-1, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        # SDPA takes (B, heads, S, d); the value head dim may differ from the query/key one.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).flatten(2))

@@ -1,0 +1,38 @@
+"""Parameter accounting from the module tree, on the meta device (no memory is allocated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.moe import RoutedExperts
+from nanoseek.model.transformer import DeepSeekV3
+
+
+@dataclass
+class ParameterCounts:
+    total: int  # main model (embedding, blocks, final norm, output head), MTP modules excluded
+    activated: int  # per token: total minus the routed experts a token does not visit
+    embedding: int  # the input embedding (left out of FLOP counts)
+    mtp: int  # the MTP modules' own parameters (they share the embedding and head)
+
+    @property
+    def activated_without_embedding(self) -> int:
+        return self.activated - self.embedding
+
+
+def count_parameters(config: ModelConfig) -> ParameterCounts:
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+    mtp_ids = {id(p) for p in model.mtp.parameters()}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in mtp_ids)
+    inactive = 0
+    for layer in model.layers:
+        for module in layer.modules():
+            if isinstance(module, RoutedExperts):
+                routed = sum(p.numel() for p in module.parameters())
+                inactive += routed * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
+    return ParameterCounts(total=total, activated=total - inactive, embedding=model.embed_tokens.weight.numel(),
+                           mtp=sum(p.numel() for p in model.mtp.parameters()))

@@ -1,0 +1,195 @@
+"""The DeepSeek-V3 model: transformer blocks, Multi-Token Prediction modules, the losses.
+
+Module names follow the Hugging Face DeepSeek-V3 checkpoint (embed_tokens, layers.N.self_attn.q_a_proj, ...),
+so that checkpoint I/O is a near-identity mapping (nanoseek/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.layers import FeedForward, RMSNorm
+from nanoseek.model.moe import MoE, RoutedExperts, Router
+from nanoseek.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(x)); the FFN is MoE past the dense layers."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_id) else FeedForward(config.hidden_size,
+                                                                                  config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """-> x, and for an MoE block its tokens per expert and balance loss (else None, None)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, counts, balance = self.mlp(h)
+            return x + out, counts, balance
+        return x + self.mlp(h), None, None
+
+
+class MTPModule(nn.Module):
+    """One Multi-Token Prediction depth: h' = W [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then one block.
+
+    The embedding and the output head are the main model's; `norm` is applied before that shared head.
+    The [embedding; hidden] order is the released checkpoints' (eh_proj's input columns).
+    """
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_id)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
+        return self.block(x, cos, sin)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # what to backpropagate: lm + lambda * mtp + alpha * balance
+    lm_loss: torch.Tensor  # next-token cross-entropy of the main model
+    mtp_loss: torch.Tensor | None  # mean cross-entropy over the D MTP depths (None when MTP is off)
+    balance_loss: torch.Tensor  # sequence-wise balance loss summed over MoE layers, before alpha
+    expert_counts: torch.Tensor | None  # (MoE layers incl. MTP, n_experts) tokens routed, for the bias update
+
+
+def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean over depths k=1..D of the cross-entropy of depth k's logits (B, S-k, V) against targets[:, k:].
+
+    targets[:, t] is the token after position t, so depth k at position t predicts targets[:, t + k],
+    the token k+1 places ahead of input t.
+    """
+    losses = [F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=IGNORE_INDEX)
+              for k, logits in enumerate(mtp_logits, start=1)]
+    return torch.stack(losses).mean()
+
+
+class DeepSeekV3(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(config, config.num_hidden_layers + k)
+                                 for k in range(config.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(config)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RoutedExperts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, Router):
+                module.e_score_correction_bias.zero_()
+
+    def routers(self) -> list[Router]:
+        """The MoE routers in forward order (main layers, then MTP), matching LossOutput.expert_counts rows."""
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    def update_router_biases(self, expert_counts: torch.Tensor, speed: float | None = None) -> None:
+        """Once per optimizer step, with the tokens per expert summed over all of the step's micro-batches."""
+        speed = self.config.bias_update_speed if speed is None else speed
+        for router, load in zip(self.routers(), expert_counts, strict=True):
+            router.update_bias(load, speed)
+
+    # ------------------------------------------------------------------ forward
+    def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(torch.arange(seq_len, device=device))
+        return cos.unsqueeze(0), sin.unsqueeze(0)  # (1, S, rope_dim/2)
+
+    def _run(self, input_ids: torch.Tensor, with_mtp: bool):
+        """-> final normed hidden (B, S, H), MTP depths' normed hiddens, per-MoE-layer counts and balance losses."""
+        cos, sin = self._rope(input_ids.shape[1], input_ids.device)
+        x = self.embed_tokens(input_ids)
+        counts, balances = [], []
+        for block in self.layers:
+            x, c, b = block(x, cos, sin)
+            if c is not None:
+                counts.append(c)
+                balances.append(b)
+        hidden = self.norm(x)
+        mtp_hidden = []
+        if with_mtp:
+            # Depth k at position t sees h^{k-1}_t and the embedding of input t+k (RoPE positions 0..S-k-1).
+            prev = hidden
+            for k, module in enumerate(self.mtp, start=1):
+                length = input_ids.shape[1] - k
+                if length <= 0:
+                    break
+                prev, c, b = module(prev[:, :length], self.embed_tokens(input_ids[:, k:]), cos[:, :length],
+                                    sin[:, :length])
+                if c is not None:
+                    counts.append(c)
+                    balances.append(b)
+                mtp_hidden.append(module.norm(prev))
+        return hidden, mtp_hidden, counts, balances
+
+    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False):
+        """input_ids (B, S) -> logits (B, S, V); with return_mtp, also a list of D tensors (B, S-k, V)."""
+        hidden, mtp_hidden, _, _ = self._run(input_ids, with_mtp=return_mtp)
+        logits = self.lm_head(hidden)
+        if not return_mtp:
+            return logits
+        return logits, [self.lm_head(h) for h in mtp_hidden]
+
+    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float | None = None,
+                     balance_alpha: float | None = None) -> LossOutput:
+        """Training loss. targets (B, S): the next token of each position, IGNORE_INDEX where none.
+
+        mtp_weight (lambda) and balance_alpha default to the config's; 0 switches a term off (MTP off also
+        skips the MTP forward).
+        """
+        c = self.config
+        mtp_weight = c.mtp_loss_weight if mtp_weight is None else mtp_weight
+        balance_alpha = c.aux_loss_alpha if balance_alpha is None else balance_alpha
+        use_mtp = mtp_weight > 0 and len(self.mtp) > 0
+        hidden, mtp_hidden, counts, balances = self._run(input_ids, with_mtp=use_mtp)
+        lm_loss = F.cross_entropy(self.lm_head(hidden).flatten(0, 1).float(), targets.flatten(),
+                                  ignore_index=IGNORE_INDEX)
+        loss = lm_loss
+        depth_loss = None
+        if use_mtp and mtp_hidden:
+            depth_loss = mtp_loss([self.lm_head(h) for h in mtp_hidden], targets)
+            loss = loss + mtp_weight * depth_loss
+        balance = torch.stack(balances).sum() if balances else lm_loss.new_zeros(())
+        if balance_alpha > 0:
+            loss = loss + balance_alpha * balance
+        expert_counts = torch.stack(counts) if counts else None
+        return LossOutput(loss, lm_loss, depth_loss, balance, expert_counts)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path, max_shard_bytes: int = 4 << 30) -> None:
+        """Write a Hugging Face DeepSeek-V3 checkpoint directory (config.json + safetensors)."""
+        from nanoseek.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
