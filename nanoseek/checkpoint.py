@@ -124,9 +124,7 @@ def read_state_dict(directory: str | Path, config: ModelConfig,
     files = _TensorFiles(Path(directory))
     keys = files.keys()
     with torch.device("meta"):
-        expected = {k: v for k, v in DeepSeekV3(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+        expected = dict(DeepSeekV3(config).state_dict())
 
     def load(key: str) -> torch.Tensor:
         tensor = files.get(key)
@@ -182,8 +180,10 @@ def read_state_dict(directory: str | Path, config: ModelConfig,
     if unexpected:
         raise CheckpointError(f"checkpoint {directory} has {len(unexpected)} tensors this config does not use, "
                               f"e.g. {unexpected[0]!r} (does config.json match the weights?)")
-    if config.tie_word_embeddings and "lm_head.weight" in state:
-        state.pop("lm_head.weight")
+    if config.tie_word_embeddings and "embed_tokens.weight" in state:
+        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
+            raise CheckpointError("config.json ties the embeddings but lm_head.weight differs from embed_tokens")
+        state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = [k for k in expected if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is missing {len(missing)} tensors, e.g. {missing[0]!r}")
