@@ -23,7 +23,7 @@ def from_pretrained(path_or_preset: str | Path, dtype: torch.dtype | None = None
 
     path = Path(path_or_preset)
     if not path.exists():
-        raise FileNotFoundError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset "
+        raise FileNotFoundError(f"{str(path_or_preset)!r} is neither a checkpoint directory nor a preset "
                                 f"({', '.join(PRESETS)})")
     return load_pretrained(path, dtype=dtype, device=device)
 

@@ -200,14 +200,10 @@ class ModelConfig:
             elif kind != "default":
                 raise ConfigError(f"invalid config field 'rope_scaling.type' = {kind!r}: only 'yarn' is supported")
         kwargs.update(d.get("nanoseek", {}))
-        # Ints that HF writes as null for "not used".
-        for key in ("n_group", "topk_group"):
-            if kwargs.get(key) is None:
-                kwargs[key] = 1
-        if kwargs.get("n_routed_experts") is None:
-            kwargs["n_routed_experts"] = 0
-        if kwargs.get("first_k_dense_replace") is None:
-            kwargs["first_k_dense_replace"] = 0
+        # Ints that HF configs write as null for "not used".
+        for key, unused in (("n_group", 1), ("topk_group", 1), ("n_routed_experts", 0), ("first_k_dense_replace", 0)):
+            if key in kwargs and kwargs[key] is None:
+                kwargs[key] = unused
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         return cls(**kwargs)

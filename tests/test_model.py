@@ -1,0 +1,99 @@
+"""The model's losses, causality and gradients, and Multi-Token Prediction."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoseek
+from nanoseek.model import IGNORE_INDEX, DeepSeekV3
+from nanoseek.model.transformer import mtp_loss
+
+from conftest import randomize, tiny_config
+
+
+def make_model(**changes) -> DeepSeekV3:
+    model = DeepSeekV3(tiny_config(**changes))
+    randomize(model, seed=5)
+    return model
+
+
+def test_mtp_loss_hand_computed():
+    # D = 2 depths, vocabulary of 2, one sequence of 3 positions; targets[t] is the token after input t.
+    targets = torch.tensor([[1, 0, 1]])
+    ln3 = math.log(3)
+    depth1 = torch.tensor([[[0.0, ln3], [0.0, 0.0]]])  # positions 0, 1 predict targets[1:] = [0, 1]
+    depth2 = torch.tensor([[[ln3, 0.0]]])  # position 0 predicts targets[2:] = [1]
+    # depth 1: -log(1/4) = ln 4 and -log(1/2) = ln 2, mean 1.5 ln 2; depth 2: -log(1/4) = 2 ln 2
+    assert mtp_loss([depth1, depth2], targets).item() == pytest.approx((1.5 + 2.0) / 2 * math.log(2))
+    # ignored targets drop out of the mean
+    masked = torch.tensor([[1, IGNORE_INDEX, 1]])
+    assert mtp_loss([depth1], masked).item() == pytest.approx(math.log(2))
+
+
+def test_compute_loss_combines_the_terms():
+    model = make_model(num_nextn_predict_layers=2, mtp_loss_weight=0.3, aux_loss_alpha=0.01).train()
+    ids = torch.randint(0, 512, (2, 12))
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    out = model.compute_loss(ids, targets)
+    logits, mtp_logits = model(ids, return_mtp=True)
+    assert [m.shape[1] for m in mtp_logits] == [11, 10]
+    lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.lm_loss, lm)
+    torch.testing.assert_close(out.mtp_loss, mtp_loss(mtp_logits, targets))
+    torch.testing.assert_close(out.loss, lm + 0.3 * out.mtp_loss + 0.01 * out.balance_loss)
+    # 2 main MoE layers + 2 MTP blocks, each routing 24 or fewer tokens to top-2 experts
+    assert out.expert_counts.shape == (4, 8)
+    assert out.expert_counts.sum(-1).tolist() == [48, 48, 44, 40]
+
+
+def test_mtp_switches_off():
+    ids = torch.randint(0, 512, (1, 8))
+    assert make_model().compute_loss(ids, ids, mtp_weight=0.0).mtp_loss is None
+    off = make_model(num_nextn_predict_layers=0)
+    assert off.compute_loss(ids, ids).mtp_loss is None and len(off.mtp) == 0
+
+
+def test_logits_are_causal_including_mtp():
+    model = make_model().eval()
+    ids = torch.randint(0, 512, (1, 16))
+    changed = ids.clone()
+    changed[0, 9] = (ids[0, 9] + 1) % 512
+    with torch.no_grad():
+        a, (ma,) = model(ids, return_mtp=True)
+        b, (mb,) = model(changed, return_mtp=True)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9], b[:, 9])
+    # MTP depth 1 at position t reads the embedding of input t+1: position 8 is the first to change.
+    torch.testing.assert_close(ma[:, :8], mb[:, :8])
+    assert not torch.allclose(ma[:, 8], mb[:, 8])
+
+
+def test_every_parameter_gets_a_gradient():
+    model = make_model().train()
+    ids = torch.randint(0, 512, (2, 16))
+    model.compute_loss(ids, torch.roll(ids, -1, 1), balance_alpha=0.01).loss.backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert silent == []
+
+
+def test_update_router_biases_moves_busy_experts_down():
+    model = make_model()
+    counts = torch.zeros(len(model.routers()), 8)
+    counts[:, 0] = 100
+    bias = torch.stack([r.e_score_correction_bias for r in model.routers()])
+    model.update_router_biases(counts, speed=0.01)
+    after = torch.stack([r.e_score_correction_bias for r in model.routers()])
+    torch.testing.assert_close(after[:, 0] - bias[:, 0], torch.full((3,), -0.01))
+    torch.testing.assert_close(after[:, 1:] - bias[:, 1:], torch.full((3, 7), 0.01))
+    with pytest.raises(ValueError):
+        model.update_router_biases(counts[:2])
+
+
+def test_from_pretrained_preset_is_seeded():
+    a, b = nanoseek.from_pretrained("tiny", seed=1), nanoseek.from_pretrained("tiny", seed=1)
+    torch.testing.assert_close(a.lm_head.weight, b.lm_head.weight)
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a preset"):
+        nanoseek.from_pretrained("no-such-thing")
