@@ -184,6 +184,11 @@ def read_state_dict(directory: str | Path, config: ModelConfig,
         if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
             raise CheckpointError("config.json ties the embeddings but lm_head.weight differs from embed_tokens")
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    if config.scoring_func == "softmax":
+        # DeepSeek-V2 checkpoints predate auxiliary-loss-free balancing: their biases start at zero.
+        for name in expected:
+            if name.endswith("e_score_correction_bias") and name not in state:
+                state[name] = torch.zeros(config.n_routed_experts)
     missing = [k for k in expected if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is missing {len(missing)} tensors, e.g. {missing[0]!r}")

@@ -181,9 +181,13 @@ class ModelConfig:
             raise ConfigError(f"invalid config field 'hidden_act' = {d['hidden_act']!r}: only 'silu' is supported")
         if d.get("attention_bias", False):
             raise ConfigError("invalid config field 'attention_bias' = True: DeepSeek MLA has no biases")
-        if model_type == "deepseek_v2" and d.get("topk_method") == "greedy":
-            d.setdefault("n_group", 1)
-            d.setdefault("topk_group", 1)
+        if d.get("mlp_bias", False):
+            raise ConfigError("invalid config field 'mlp_bias' = True: DeepSeek's FFNs have no biases")
+        if model_type == "deepseek_v2":
+            d.setdefault("scoring_func", "softmax")  # V2 routes by softmax; its config.json may not say so
+            d.setdefault("num_nextn_predict_layers", 0)  # and has no MTP
+            if d.get("topk_method", "greedy") == "greedy":
+                d["n_group"], d["topk_group"] = 1, 1
         kwargs: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in d.items():

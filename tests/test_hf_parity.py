@@ -83,3 +83,22 @@ def _hf_rope(config):
                   "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "mscale": y.mscale,
                   "mscale_all_dim": y.mscale_all_dim}
     return params
+
+
+@pytest.mark.parametrize("topk_method,groups", [("greedy", {}), ("group_limited_greedy", dict(n_group=4, topk_group=2))])
+def test_deepseek_v2_checkpoint_softmax_routing(topk_method, groups, tmp_path):
+    """DeepSeek-V2(-Lite) layout: softmax routing without top-k normalisation, no query compression."""
+    v2 = transformers.DeepseekV2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, routed_scaling_factor=1.5, topk_method=topk_method, bos_token_id=0, eos_token_id=1, **groups)
+    reference = transformers.DeepseekV2ForCausalLM(v2)
+    randomize(reference, seed=3)
+    reference.save_pretrained(tmp_path)
+    reference = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model = nanoseek.from_pretrained(tmp_path).eval()
+    assert model.config.scoring_func == "softmax" and model.config.q_lora_rank is None
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
