@@ -95,7 +95,7 @@ class _TensorFiles:
 
 def _hf_to_nanoseek_name(key: str, config: ModelConfig) -> tuple[str | None, str | None]:
     """-> (nanoseek name, or None when ignored) and, for MTP copies of shared tensors, the tensor they copy."""
-    if key in ("lm_head.weight",):
+    if key == "lm_head.weight":
         return key, None
     if key in ("model.embed_tokens.weight", "model.norm.weight"):
         return key.removeprefix("model."), None
@@ -118,10 +118,10 @@ def _mtp_depths_present(keys: list[str], config: ModelConfig) -> int:
     return len([d for d in depths if d >= 0])
 
 
-def read_state_dict(directory: str | Path, config: ModelConfig,
+def read_state_dict(files: _TensorFiles, config: ModelConfig,
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Read a HF-layout checkpoint into nanoseek names (experts stacked, FP8 dequantized), checking shapes."""
-    files = _TensorFiles(Path(directory))
+    directory = files.directory
     keys = files.keys()
     with torch.device("meta"):
         expected = dict(DeepSeekV3(config).state_dict())
@@ -211,13 +211,13 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     config = ModelConfig.load(directory)
-    keys = _TensorFiles(directory).keys()
-    present = _mtp_depths_present(keys, config)
+    files = _TensorFiles(directory)
+    present = _mtp_depths_present(files.keys(), config)
     if present < config.num_nextn_predict_layers and present == 0:
         warnings.warn(f"{directory} has no MTP layers (config asks for {config.num_nextn_predict_layers}); "
                       "loading without MTP", stacklevel=2)
         config = config.replace(num_nextn_predict_layers=0)
-    state = read_state_dict(directory, config, dtype)
+    state = read_state_dict(files, config, dtype)
     with torch.device("meta"):
         model = DeepSeekV3(config)
     model.load_state_dict(state, strict=True, assign=True)
