@@ -36,3 +36,14 @@ def count_parameters(config: ModelConfig) -> ParameterCounts:
                 inactive += routed * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
     return ParameterCounts(total=total, activated=total - inactive, embedding=model.embed_tokens.weight.numel(),
                            mtp=sum(p.numel() for p in model.mtp.parameters()))
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (activated, input embedding excluded) + 6 L S H (d_qk + d_v) for attention.
+
+    The formula of ../shared/anchors (a causal mask halves the attention term in practice; like the anchor,
+    it is counted in full so that MFU figures compare).
+    """
+    c = config
+    n = count_parameters(c).activated_without_embedding
+    return 6 * n + 6 * c.num_hidden_layers * seq_len * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)

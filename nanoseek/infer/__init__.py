@@ -1,0 +1,1 @@
+"""Generation over the model's own modules."""

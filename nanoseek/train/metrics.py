@@ -1,0 +1,103 @@
+"""What a training run reports: a JSONL line per step, TensorBoard scalars, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+PLOT_FILES = ("loss.png", "lr.png", "grad_norm.png", "expert_load.png")
+
+
+class MetricsLog:
+    """Appends one JSON object per record to metrics.jsonl and mirrors the numbers to TensorBoard."""
+
+    def __init__(self, out_dir: Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            # Records past the checkpoint we resume from were never saved: they will be produced again.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(out_dir: Path) -> list[Path]:
+    """Loss (train and held-out), learning rate, gradient norm, and expert load (MaxVio per MoE layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(out_dir / "metrics.jsonl")
+    train = [r for r in records if r.get("kind") == "train"]
+    heldout = [r for r in records if r.get("kind") == "heldout"]
+    if not train:
+        return []
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    steps = [r["step"] for r in train]
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(plots / name, dpi=110)
+        plt.close(fig)
+        written.append(plots / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["lm_loss"] for r in train], label="train (next token)", alpha=0.8)
+    if any(r.get("mtp_loss") is not None for r in train):
+        ax.plot(steps, [r.get("mtp_loss") or float("nan") for r in train], label="train MTP", alpha=0.6)
+    if heldout:
+        ax.plot([r["step"] for r in heldout], [r["loss"] for r in heldout], "o-", label="held-out")
+        baseline = heldout[-1].get("unigram_loss")
+        if baseline:
+            ax.axhline(baseline, color="gray", ls="--", label=f"unigram baseline {baseline:.2f}")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, "loss.png")
+
+    for key, title, name in (("lr", "learning rate", "lr.png"), ("grad_norm", "gradient norm (before clipping)",
+                                                                    "grad_norm.png")):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(steps, [r[key] for r in train])
+        ax.set(xlabel="step", title=title)
+        if key == "grad_norm":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        save(fig, name)
+
+    if train[0].get("max_violation"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for layer in range(len(train[0]["max_violation"])):
+            ax.plot(steps, [r["max_violation"][layer] for r in train], label=f"MoE layer {layer}", alpha=0.8)
+        ax.set(xlabel="step", ylabel="max load / mean load - 1", title="expert load imbalance (MaxVio)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "expert_load.png")
+    return written
