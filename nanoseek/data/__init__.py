@@ -1,0 +1,1 @@
+"""Data: the tokenizer, pretraining token shards, and their loaders."""

@@ -1,0 +1,183 @@
+"""The tokenizer: byte-level BPE (HF `tokenizers`) with DeepSeek-V3/R1's special tokens and chat template.
+
+`Tokenizer.train` builds a small one (digits split one per token, exact round trip of any text);
+`Tokenizer.load` reads any HF `tokenizer.json`, a released DeepSeek-V3/R1 one included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+# DeepSeek-V3/R1's strings: the bars are FULLWIDTH VERTICAL LINE (U+FF5C), the spaces LOWER ONE EIGHTH BLOCK (U+2581).
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK = "<think>"
+END_THINK = "</think>"
+FIM_BEGIN = "<｜fim▁begin｜>"
+FIM_HOLE = "<｜fim▁hole｜>"
+FIM_END = "<｜fim▁end｜>"
+# In id order: bos 0 and eos 1, as in DeepSeek-V3's config.
+SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, FIM_HOLE, FIM_END)
+TOKENIZER_FILE = "tokenizer.json"
+
+# The DeepSeek-R1-Zero training prompt (DeepSeek-R1 paper, Table 1); fill with R1_ZERO_TEMPLATE.format(prompt=...).
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: {prompt}. Assistant:"
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names the file and what is missing."""
+
+
+def apply_chat_template(messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool = True) -> str:
+    """DeepSeek-V3/R1 chat format: bos, the system prompts (joined by a blank line), then
+    `<｜User｜>{content}` and `<｜Assistant｜>{content}<｜end▁of▁sentence｜>` turns; the generation prompt is
+    `<｜Assistant｜>`, followed by `<think>\\n` when `thinking` (as DeepSeek-R1 starts its reply)."""
+    system: list[str] = []
+    turns: list[str] = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if role == "system":
+            system.append(content)
+        elif role == "user":
+            turns.append(USER + content)
+        elif role == "assistant":
+            turns.append(ASSISTANT + content + EOS)
+        else:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
+    prompt = BOS + "\n\n".join(system) + "".join(turns)
+    if add_generation_prompt:
+        prompt += ASSISTANT + (THINK + "\n" if thinking else "")
+    return prompt
+
+
+class Tokenizer:
+    """A HF `tokenizers.Tokenizer` with DeepSeek's special tokens found by their strings."""
+
+    apply_chat_template = staticmethod(apply_chat_template)
+
+    def __init__(self, tokenizer: HFTokenizer, source: str = "tokenizer"):
+        self._tok = tokenizer
+        self._source = source
+        missing = [t for t in (BOS, EOS) if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise TokenizerError(f"{source} has no {' or '.join(map(repr, missing))} token "
+                                 f"(DeepSeek's bos/eos strings are required)")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Byte-level BPE with every digit its own pre-token; deterministic for the same texts. The vocabulary
+        can come out smaller than `vocab_size` when the texts offer fewer merges."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size={vocab_size} is too small: the 256 bytes and {len(SPECIAL_TOKENS)} "
+                             f"special tokens need {256 + len(SPECIAL_TOKENS)}")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok, source="trained tokenizer")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """A `tokenizer.json` file, or a directory that holds one."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path} (expected a {TOKENIZER_FILE} file or a directory "
+                                    f"holding one)")
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side raises a bare Exception for malformed files
+            raise TokenizerError(f"{file} is not a valid tokenizer.json ({e})") from None
+        return cls(tok, source=str(file))
+
+    def save(self, path: str | Path) -> Path:
+        """Write `tokenizer.json` (into `path` if it is a directory, else to `path` itself); returns the file."""
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / TOKENIZER_FILE
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp")
+        self._tok.save(str(tmp))
+        os.replace(tmp, file)
+        return file
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings inside it become their single ids."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text, in parallel (no bos/eos)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        """The id of a token string; a TokenizerError if the vocabulary lacks it."""
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{self._source} has no {token!r} token")
+        return token_id
+
+    @property
+    def bos_id(self) -> int:
+        return self.token_id(BOS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_id(EOS)
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_id(PAD)
+
+    @property
+    def user_id(self) -> int:
+        return self.token_id(USER)
+
+    @property
+    def assistant_id(self) -> int:
+        return self.token_id(ASSISTANT)
+
+    @property
+    def think_id(self) -> int:
+        return self.token_id(THINK)
+
+    @property
+    def end_think_id(self) -> int:
+        return self.token_id(END_THINK)
+
+    @property
+    def fim_begin_id(self) -> int:
+        return self.token_id(FIM_BEGIN)
+
+    @property
+    def fim_hole_id(self) -> int:
+        return self.token_id(FIM_HOLE)
+
+    @property
+    def fim_end_id(self) -> int:
+        return self.token_id(FIM_END)
