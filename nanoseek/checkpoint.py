@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
 from nanoseek.model.fp8 import BLOCK, dequantize_blockwise
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import DeepSeekV3
@@ -40,7 +41,7 @@ _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_
 _MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NanoseekError, ValueError):
     """A checkpoint directory that cannot be loaded; the message says which file or tensor and why."""
 
 

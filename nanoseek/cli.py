@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import types
+import typing
 
-from nanoseek.config import PRESETS, ConfigError, ModelConfig, get_preset
+from nanoseek.config import PRESETS, ModelConfig, get_preset
+from nanoseek.errors import NanoseekError
 
 
 def _human(n: int) -> str:
@@ -38,18 +43,104 @@ def info(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One --option per field of a config dataclass, typed and defaulted from the field (one source of truth)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, nargs="+", default=f.default)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper())
+
+
+def _from_args(cls: type, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names})
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    from nanoseek.train.loop import TrainConfig
+    from nanoseek.train.pretrain import DataConfig
+    from nanoseek.train.pretrain import pretrain as run
+
+    report = run(_from_args(DataConfig, args), _from_args(TrainConfig, args), resume=args.resume)
+    if report.get("task_accuracy"):
+        print(f"held-out loss {report['heldout_loss']:.3f} (unigram baseline {report['unigram_loss']:.3f}); "
+              f"greedy accuracy on easy problems {100 * report['task_accuracy']['mean']:.0f}%; "
+              f"report: {args.out_dir}/report.md")
+    elif report.get("stopped") is not None:
+        print(f"stopped at step {report['step']}; resume with: nanoseek pretrain --resume --out-dir {args.out_dir}")
+
+
+def tokenizer_train(args: argparse.Namespace) -> None:
+    from nanoseek.data.shards import read_documents
+    from nanoseek.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(read_documents(args.files), args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out} ({tokenizer.vocab_size} tokens)")
+
+
+def data_prepare(args: argparse.Namespace) -> None:
+    from nanoseek.data.shards import prepare_files
+    from nanoseek.data.tokenizer import Tokenizer
+
+    meta = prepare_files(args.files, Tokenizer.load(args.tokenizer), args.out, fim_rate=args.fim_rate,
+                         heldout_fraction=args.heldout_fraction, seed=args.seed)
+    print(json.dumps(meta, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nanoseek.train.loop import TrainConfig
+    from nanoseek.train.pretrain import DataConfig
+
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 + R1 in one PyTorch package")
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("info", help="print a model's shape and parameter counts (no memory used)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="small", choices=list(PRESETS))
     src.add_argument("--config", help="a config.json or a checkpoint directory")
     p.set_defaults(func=info)
+
+    p = sub.add_parser("pretrain", help="pretrain a model (no arguments: `small` on the built-in corpus)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    _add_dataclass_options(p, DataConfig)
+    _add_dataclass_options(p, TrainConfig)
+    p.set_defaults(func=pretrain)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok = p.add_subparsers(dest="action", required=True)
+    t = tok.add_parser("train", help="train a byte-level BPE with DeepSeek's special tokens")
+    t.add_argument("files", nargs="+", help="text, JSONL (`text` field) or Parquet files, or directories")
+    t.add_argument("--vocab-size", type=int, default=32768)
+    t.add_argument("--out", default="tokenizer.json")
+    t.set_defaults(func=tokenizer_train)
+
+    p = sub.add_parser("data", help="data tools")
+    data = p.add_subparsers(dest="action", required=True)
+    d = data.add_parser("prepare", help="tokenize files into packed binary shards (with FIM and a held-out split)")
+    d.add_argument("files", nargs="+")
+    d.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--fim-rate", type=float, default=0.1)
+    d.add_argument("--heldout-fraction", type=float, default=0.01)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=data_prepare)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (NanoseekError, FileNotFoundError) as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)
         return 2
     return 0

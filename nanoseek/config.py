@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import NanoseekError
 
-class ConfigError(ValueError):
+
+class ConfigError(NanoseekError, ValueError):
     """An invalid model configuration; the message names the offending field."""
 
 
@@ -262,6 +264,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
         first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=2048, rope_scaling=None,
+        bias_update_speed=0.01,  # a few hundred steps, not V3's hundreds of thousands: balance faster
     ),
     # The benchmark model of ../shared/anchors (1235.3M total, 231.8M activated without MTP).
     "bench-1b": ModelConfig(

@@ -14,7 +14,7 @@ from nanoseek.data.shards import (DataError, TokenLoader, heldout_batches, prepa
                                   unigram_entropy)
 from nanoseek.data.tokenizer import Tokenizer
 
-EOS = "<｜end▁of▁sentence｜>"
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 WORDS = ["alpha", "beta", "gamma", "über", "日本", "x", "=", "(", ")", ",", ".", "\n", "  "]
 
 
@@ -37,13 +37,14 @@ def stream(directory, split="train") -> list[int]:
     return np.concatenate([np.fromfile(f, dtype=dtype) for f in files] or [np.empty(0, dtype)]).tolist()
 
 
-def documents(tokens: list[int], eos_id: int) -> list[list[int]]:
-    """Split a packed stream after each eos (which must end it)."""
+def documents(tokens: list[int], eos_id: int, bos_id: int = 0) -> list[list[int]]:
+    """Split a packed stream after each eos (which must end it); each document must open with bos (dropped)."""
     assert tokens and tokens[-1] == eos_id
     docs, current = [], []
     for t in tokens:
         if t == eos_id:
-            docs.append(current)
+            assert current[0] == bos_id
+            docs.append(current[1:])
             current = []
         else:
             current.append(t)
@@ -62,12 +63,12 @@ def write_dataset(directory, splits: dict[str, list[np.ndarray]], vocab_size: in
 
 
 # ---------------------------------------------------------------------- prepare_documents
-def test_packing_is_documents_with_eos_separators(tok, tmp_path):
+def test_packing_is_bos_documents_with_eos_separators(tok, tmp_path):
     docs = make_docs(50)
     meta = prepare_documents(docs, tok, tmp_path / "ds", fim_rate=0, heldout_fraction=0)
     tokens = stream(tmp_path / "ds")
-    assert tokens == [t for d in docs for t in tok.encode(d, eos=True)]
-    assert tok.decode(tokens) == "".join(d + EOS for d in docs)
+    assert tokens == [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
+    assert tok.decode(tokens) == "".join(BOS + d + EOS for d in docs)
     assert meta["tokens"] == {"train": len(tokens), "heldout": 0}
     assert meta["num_documents"] == 50 and meta["dtype"] == "uint16" and meta["eos_id"] == tok.eos_id == 1
     assert json.loads((tmp_path / "ds" / "meta.json").read_text()) == meta
@@ -77,7 +78,7 @@ def test_packing_is_documents_with_eos_separators(tok, tmp_path):
 
 def test_empty_strings_are_skipped(tok, tmp_path):
     prepare_documents(["a", "", "b"], tok, tmp_path / "ds", fim_rate=0, heldout_fraction=0)
-    assert tok.decode(stream(tmp_path / "ds")) == "a" + EOS + "b" + EOS
+    assert tok.decode(stream(tmp_path / "ds")) == BOS + "a" + EOS + BOS + "b" + EOS
     with pytest.raises(DataError, match="no documents"):
         prepare_documents(["", ""], tok, tmp_path / "none")
 
@@ -110,7 +111,7 @@ def test_dtype_follows_vocab_size(tok, tmp_path, vocab_size, dtype, itemsize):
     meta = prepare_documents(docs, sized, tmp_path / "ds", fim_rate=0, heldout_fraction=0)
     assert meta["dtype"] == dtype and meta["vocab_size"] == vocab_size
     assert (tmp_path / "ds" / "train_00000.bin").stat().st_size == itemsize * meta["tokens"]["train"]
-    assert stream(tmp_path / "ds") == [t for d in docs for t in tok.encode(d, eos=True)]
+    assert stream(tmp_path / "ds") == [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
 
 
 def test_fim_moves_the_middle_to_the_end(tok, tmp_path):
@@ -191,7 +192,7 @@ def test_files_of_every_kind_and_directories(tok, tmp_path):
     pq.write_table(pa.table({"id": [1, 2, 3], "text": ["row a", None, "row c"]}), src / "d.parquet")
     meta = prepare_files([src], tok, tmp_path / "ds", fim_rate=0, heldout_fraction=0)
     expected = ["line one", "line 2 ü", "text file\n\nwith a blank line\n", "row a", "row c", "# markdown 7\n"]
-    assert tok.decode(stream(tmp_path / "ds")) == "".join(d + EOS for d in expected)
+    assert tok.decode(stream(tmp_path / "ds")) == "".join(BOS + d + EOS for d in expected)
     assert meta["num_documents"] == 6
 
 

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from nanoseek.errors import NanoseekError
 
 META_FILE = "meta.json"
 SPLITS = ("train", "heldout")
@@ -30,7 +31,7 @@ _ENCODE_BATCH = 1024  # documents per encode_batch call
 _COUNT_CHUNK = 1 << 24  # tokens per bincount in unigram_entropy
 
 
-class DataError(ValueError):
+class DataError(NanoseekError, ValueError):
     """Input data or a prepared directory that cannot be used; the message names the file and the problem."""
 
 
@@ -45,9 +46,9 @@ def prepare_documents(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
     `fim_rate`. Held-out documents stay plain text. Every document ends with eos; empty strings are skipped.
     """
     if not 0 <= fim_rate <= 1 or not 0 <= heldout_fraction <= 1:
-        raise ValueError(f"fim_rate={fim_rate} and heldout_fraction={heldout_fraction} must lie in [0, 1]")
+        raise DataError(f"fim_rate={fim_rate} and heldout_fraction={heldout_fraction} must lie in [0, 1]")
     if shard_tokens < 1:
-        raise ValueError(f"shard_tokens={shard_tokens} must be positive")
+        raise DataError(f"shard_tokens={shard_tokens} must be positive")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -102,7 +103,7 @@ class _Document(NamedTuple):
 
 def _tokenize(docs: Iterable[str], tokenizer: Tokenizer, seed: int, fim_rate: float,
               heldout_fraction: float) -> Iterator[tuple[int, list[_Document]]]:
-    """Batches of eos-terminated documents, each with the number of input documents it covers."""
+    """Batches of bos ... eos documents, each with the number of input documents it covers."""
     docs = iter(docs)
     index = 0
     while batch := list(islice(docs, _ENCODE_BATCH)):
@@ -130,12 +131,15 @@ def _plan(doc: str, seed: int, index: int, fim_rate: float, heldout_fraction: fl
 
 
 def _assemble(parts: list[list[int]], tokenizer: Tokenizer) -> list[int]:
-    """[doc] -> doc eos; [prefix, middle, suffix] -> PSM: fim_begin prefix fim_hole suffix fim_end middle eos."""
+    """[doc] -> bos doc eos; [prefix, middle, suffix] -> PSM: bos fim_begin prefix fim_hole suffix fim_end middle eos.
+
+    bos opens every document as it opens every prompt at inference, so a prompt looks like a document start.
+    """
     if len(parts) == 1:
-        return parts[0] + [tokenizer.eos_id]
+        return [tokenizer.bos_id] + parts[0] + [tokenizer.eos_id]
     prefix, middle, suffix = parts
-    return ([tokenizer.fim_begin_id] + prefix + [tokenizer.fim_hole_id] + suffix + [tokenizer.fim_end_id] + middle
-            + [tokenizer.eos_id])
+    return ([tokenizer.bos_id, tokenizer.fim_begin_id] + prefix + [tokenizer.fim_hole_id] + suffix
+            + [tokenizer.fim_end_id] + middle + [tokenizer.eos_id])
 
 
 class _ShardWriter:
@@ -344,7 +348,7 @@ class TokenLoader:
     def __init__(self, directory: str | Path, split: str = "train", *, seq_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+            raise DataError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.stream = _TokenStream(directory, split)
         self.num_windows = self.stream.num_windows(seq_len)
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
@@ -376,7 +380,8 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "seq_len", "num_windows"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader state has {key}={state[key]}, this loader {getattr(self, key)}")
+                raise DataError(f"the checkpoint's data position has {key}={state[key]} but this loader has "
+                                f"{getattr(self, key)}: resume with the data and options the run started with")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 DIFFICULTIES = (1, 2, 3)
-LEVEL_WEIGHTS = (0.5, 0.3, 0.2)  # how often a mixed draw (difficulty=None) picks each level
+LEVEL_WEIGHTS = (0.7, 0.2, 0.1)  # how often a mixed draw (difficulty=None) picks each level
 SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 10
 MAX_ANSWER_CHARS = 200  # every reference answer is far shorter; longer predictions are wrong without parsing

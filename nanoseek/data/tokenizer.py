@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nanoseek.errors import NanoseekError
+
 # DeepSeek-V3/R1's strings: the bars are FULLWIDTH VERTICAL LINE (U+FF5C), the spaces LOWER ONE EIGHTH BLOCK (U+2581).
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -38,7 +40,7 @@ R1_ZERO_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(NanoseekError, ValueError):
     """A tokenizer file that cannot be used; the message names the file and what is missing."""
 
 
@@ -84,7 +86,7 @@ class Tokenizer:
         """Byte-level BPE with every digit its own pre-token; deterministic for the same texts. The vocabulary
         can come out smaller than `vocab_size` when the texts offer fewer merges."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size={vocab_size} is too small: the 256 bytes and {len(SPECIAL_TOKENS)} "
+            raise TokenizerError(f"vocab_size={vocab_size} is too small: the 256 bytes and {len(SPECIAL_TOKENS)} "
                              f"special tokens need {256 + len(SPECIAL_TOKENS)}")
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

@@ -25,6 +25,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.checkpoint import load_pretrained
+from nanoseek.config import ConfigError
+from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.layers import RMSNorm
@@ -33,7 +35,7 @@ from nanoseek.model.transformer import Block
 from nanoseek.train.metrics import MetricsLog, plot_run
 
 
-class TrainingError(RuntimeError):
+class TrainingError(NanoseekError, RuntimeError):
     pass
 
 
@@ -46,7 +48,7 @@ class BatchSource(Protocol):
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/pretrain"
-    max_steps: int = 1000
+    max_steps: int = 300  # the defaults are the embedded CPU run's: ~12 minutes of training on 2 cores
     seq_len: int = 256
     batch_size: int = 32  # sequences per optimizer step once the ramp is over
     micro_batch_size: int = 16  # sequences per forward/backward; the step accumulates gradients over them
@@ -67,15 +69,29 @@ class TrainConfig:
     mtp_switch: float = 0.7
     recompute: str = "none"  # "none", "selective" (RMSNorm + MLA up-projections, as V3), "full" (per block)
     ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights on the CPU
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
-    save_every: int = 100
+    save_every: int = 50
     keep_last: int = 2
     log_every: int = 1
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 0
     device: str = "auto"
     tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid training option '{name}' = {getattr(self, name)!r}: {why}")
+
+        need(self.recompute in ("none", "selective", "full"), "recompute", "must be 'none', 'selective' or 'full'")
+        for name in ("max_steps", "seq_len", "batch_size", "micro_batch_size"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.batch_ramp_start <= self.batch_size, "batch_ramp_start", f"must be in [0, {self.batch_size}]")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+        need(0 <= self.decay_start <= 1 and 0 <= self.mtp_switch <= 1, "decay_start",
+             "decay_start and mtp_switch are fractions of the run, in [0, 1]")
 
 
 def pick_device(name: str) -> torch.device:

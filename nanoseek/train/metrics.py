@@ -45,8 +45,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_run(out_dir: Path) -> list[Path]:
-    """Loss (train and held-out), learning rate, gradient norm, and expert load (MaxVio per MoE layer)."""
+def plot_run(out_dir: Path, baseline: float | None = None) -> list[Path]:
+    """Loss (train, held-out, and a baseline such as the unigram loss), learning rate, gradient norm, and expert
+    load (MaxVio per MoE layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,9 +75,8 @@ def plot_run(out_dir: Path) -> list[Path]:
         ax.plot(steps, [r.get("mtp_loss") or float("nan") for r in train], label="train MTP", alpha=0.6)
     if heldout:
         ax.plot([r["step"] for r in heldout], [r["loss"] for r in heldout], "o-", label="held-out")
-        baseline = heldout[-1].get("unigram_loss")
-        if baseline:
-            ax.axhline(baseline, color="gray", ls="--", label=f"unigram baseline {baseline:.2f}")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", label=f"unigram baseline {baseline:.2f}")
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
