@@ -13,7 +13,6 @@ down_proj (E, H, F)), MTP depth k under mtp.{k-1} (block tensors under mtp.{k-1}
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nanoseek.atomic import replace_directory
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model.fp8 import BLOCK, dequantize_blockwise
@@ -289,22 +289,7 @@ def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: i
         hf_config = model.config.to_hf_dict()
         hf_config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        _replace_directory(staging, directory)
+        replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is moved aside first and removed only after the swap."""
-    for f in new.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)

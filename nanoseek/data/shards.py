@@ -2,7 +2,7 @@
 
 On disk, one directory: `meta.json`, `tokenizer.json`, and `train_00000.bin`, ..., `heldout_00000.bin`, ...,
 each a raw array of `meta["dtype"]` tokens (uint16 when the vocabulary fits, else uint32). A split's shards,
-concatenated in order, are its token stream: documents packed back to back, each ending with eos.
+concatenated in order, are its token stream: documents packed back to back, each as bos ... eos.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.atomic import replace_directory
 from nanoseek.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from nanoseek.errors import NanoseekError
 
@@ -43,7 +44,7 @@ def prepare_documents(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
     Each document's fate is drawn from an RNG seeded by (seed, its index), so it does not depend on batching:
     held out with probability `heldout_fraction`; otherwise turned into FIM form (PSM: `<｜fim▁begin｜>prefix
     <｜fim▁hole｜>suffix<｜fim▁end｜>middle`, split at two uniform character positions) with probability
-    `fim_rate`. Held-out documents stay plain text. Every document ends with eos; empty strings are skipped.
+    `fim_rate`. Held-out documents stay plain text. Every document is bos ... eos; empty strings are skipped.
     """
     if not 0 <= fim_rate <= 1 or not 0 <= heldout_fraction <= 1:
         raise DataError(f"fim_rate={fim_rate} and heldout_fraction={heldout_fraction} must lie in [0, 1]")
@@ -79,7 +80,7 @@ def prepare_documents(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
                 "heldout_fraction": heldout_fraction, "seed": seed, "shard_tokens": shard_tokens,
                 "tokenizer": TOKENIZER_FILE}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_directory(staging, out_dir)
+        replace_directory(staging, out_dir)
     except BaseException:
         for writer in writers.values():
             writer.close()
@@ -170,18 +171,6 @@ class _ShardWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is moved aside first and removed only after the swap."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
 
 
 # ---------------------------------------------------------------------- reading files

@@ -38,8 +38,8 @@ class DataConfig:
     builtin_docs: int = 60_000  # documents of the built-in corpus when no data is given
     fim_rate: float = 0.1
     heldout_fraction: float = 0.02
-    eval_problems: int = 25  # easy held-out problems per task for the final greedy accuracy (0: skip)
-    eval_max_new_tokens: int = 160
+    eval_problems: int = 10  # easy held-out problems per task for the final greedy accuracy (0: skip)
+    eval_max_new_tokens: int = 128
 
 
 def _prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int) -> Path:
