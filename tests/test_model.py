@@ -88,8 +88,12 @@ def test_update_router_biases_moves_busy_experts_down():
     after = torch.stack([r.e_score_correction_bias for r in model.routers()])
     torch.testing.assert_close(after[:, 0] - bias[:, 0], torch.full((3,), -0.01))
     torch.testing.assert_close(after[:, 1:] - bias[:, 1:], torch.full((3, 7), 0.01))
-    with pytest.raises(ValueError):
-        model.update_router_biases(counts[:2])
+    model.update_router_biases(counts[:2], speed=0.01)  # MTP off: only the 2 main MoE layers routed
+    final = torch.stack([r.e_score_correction_bias for r in model.routers()])
+    torch.testing.assert_close(final[2], after[2])
+    assert not torch.equal(final[:2], after[:2])
+    with pytest.raises(ValueError, match="expert_counts has 1 rows; this model has 2 MoE layers and 3 routers"):
+        model.update_router_biases(counts[:1])
 
 
 def test_from_pretrained_preset_is_seeded():

@@ -183,3 +183,9 @@ def test_cpu_ema(tmp_path):
     w1 = trainer.model.lm_head.weight.detach()
     torch.testing.assert_close(trainer.ema["lm_head.weight"], 0.9 * w0 + 0.1 * w1)
     assert trainer.ema["lm_head.weight"].device.type == "cpu"
+
+
+def test_training_with_mtp_off_still_balances(tmp_path):
+    trainer = make_trainer(tmp_path, mtp_weight=0.0, mtp_weight_late=0.0)
+    record = trainer.train_step()
+    assert record["mtp_loss"] is None and len(record["max_violation"]) == 2

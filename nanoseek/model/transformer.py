@@ -119,7 +119,11 @@ class DeepSeekV3(nn.Module):
     def update_router_biases(self, expert_counts: torch.Tensor, speed: float | None = None) -> None:
         """Once per optimizer step, with the tokens per expert summed over all of the step's micro-batches."""
         speed = self.config.bias_update_speed if speed is None else speed
-        for router, load in zip(self.routers(), expert_counts, strict=True):
+        routers = self.routers()
+        if len(expert_counts) not in (len(routers), self.config.num_moe_layers):  # MTP blocks may not have run
+            raise ValueError(f"expert_counts has {len(expert_counts)} rows; this model has "
+                             f"{self.config.num_moe_layers} MoE layers and {len(routers)} routers with MTP")
+        for router, load in zip(routers, expert_counts):
             router.update_bias(load, speed)
 
     # ------------------------------------------------------------------ forward
