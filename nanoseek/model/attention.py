@@ -8,6 +8,8 @@ Per head: q = [q_nope; q_rope], k = [W_uk c_kv; k_rope], v = W_uv c_kv.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,14 +54,19 @@ class MultiHeadLatentAttention(nn.Module):
             [self.config.kv_lora_rank, self.config.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(latent), k_rope.unsqueeze(2)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over x (B, S, hidden) in the expanded form (keys/values materialised)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCacheLayer | None = None) -> torch.Tensor:
+        """Causal self-attention over x (B, S, hidden). Without a cache: the expanded form, keys and values
+        materialised per head. With a cache: the new tokens' latents are appended to it and attention runs
+        over everything cached in the absorbed form."""
         c = self.config
         q = self.project_query(x)
         q_nope, q_rope = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         latent, k_rope = self.project_latent(x)
         q_rope = apply_rope(q_rope, cos, sin, c.rope_interleave)
         k_rope = apply_rope(k_rope, cos, sin, c.rope_interleave)
+        if cache is not None:
+            return self._absorbed(q_nope, q_rope, *cache.update(latent, k_rope.squeeze(2)))
 
         kv = self.kv_b_proj(latent).unflatten(-1, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
@@ -69,3 +76,30 @@ class MultiHeadLatentAttention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+        """Attention straight over the cached latents (B, T, r) and RoPE keys (B, T, rope_dim).
+
+        W_uk is folded into the query (q_nope W_uk scores against the latent itself) and W_uv is applied after
+        the attention-weighted sum of latents, so all heads share one "key" [latent; k_rope] and one "value"
+        (the latent): multi-query attention with head dim r + rope_dim, run by SDPA with enable_gqa.
+        mask (B, S, T) is True where a query may see a key.
+        """
+        c = self.config
+        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))
+        w_uk, w_uv = w.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # (heads, d, r)
+        q = torch.cat([torch.einsum("bshd,hdr->bshr", q_nope, w_uk), q_rope], dim=-1).transpose(1, 2)
+        k = torch.cat([latent, k_rope], dim=-1).unsqueeze(1)  # (B, 1, T, r + rope_dim)
+        out = F.scaled_dot_product_attention(q, k, latent.unsqueeze(1), attn_mask=mask.unsqueeze(1),
+                                             scale=self.softmax_scale, enable_gqa=True)  # (B, heads, S, r)
+        return self.o_proj(torch.einsum("bhsr,hvr->bshv", out, w_uv).flatten(2))
+
+
+class LatentCacheLayer(Protocol):
+    """One layer's view of a latent KV cache (nanoseek/infer/cache.py implements it)."""
+
+    def update(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new tokens' latents (B, S, r) and rotated RoPE keys (B, S, rope_dim); return everything cached
+        for these rows (B, T, r), (B, T, rope_dim) and the attention mask (B, S, T)."""
+        ...

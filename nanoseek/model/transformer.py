@@ -7,18 +7,29 @@ so that checkpoint I/O is a near-identity mapping (nanoseek/checkpoint.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.attention import LatentCacheLayer, MultiHeadLatentAttention
 from nanoseek.model.layers import FeedForward, RMSNorm
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
+
+
+class LatentCache(Protocol):
+    """What the model needs from an inference cache (nanoseek/infer/cache.py implements it)."""
+
+    def positions(self, seq_len: int) -> torch.Tensor:
+        """(B, seq_len) positions of the next seq_len tokens of each row."""
+        ...
+
+    def layer(self, index: int) -> LatentCacheLayer: ...
 
 
 class Block(nn.Module):
@@ -32,9 +43,9 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_id) else FeedForward(config.hidden_size,
                                                                                   config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCacheLayer | None = None):
         """-> x, and for an MoE block its tokens per expert and balance loss (else None, None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, counts, balance = self.mlp(h)
@@ -131,13 +142,16 @@ class DeepSeekV3(nn.Module):
         cos, sin = self.rotary(torch.arange(seq_len, device=device))
         return cos.unsqueeze(0), sin.unsqueeze(0)  # (1, S, rope_dim/2)
 
-    def _run(self, input_ids: torch.Tensor, with_mtp: bool):
+    def _run(self, input_ids: torch.Tensor, with_mtp: bool, cache: LatentCache | None = None):
         """-> final normed hidden (B, S, H), MTP depths' normed hiddens, per-MoE-layer counts and balance losses."""
-        cos, sin = self._rope(input_ids.shape[1], input_ids.device)
+        if cache is None:
+            cos, sin = self._rope(input_ids.shape[1], input_ids.device)
+        else:
+            cos, sin = self.rotary(cache.positions(input_ids.shape[1]))  # (B, S, rope_dim/2): each row its own
         x = self.embed_tokens(input_ids)
         counts, balances = [], []
-        for block in self.layers:
-            x, c, b = block(x, cos, sin)
+        for i, block in enumerate(self.layers):
+            x, c, b = block(x, cos, sin, None if cache is None else cache.layer(i))
             if c is not None:
                 counts.append(c)
                 balances.append(b)
@@ -158,9 +172,15 @@ class DeepSeekV3(nn.Module):
                 mtp_hidden.append(module.norm(prev))
         return hidden, mtp_hidden, counts, balances
 
-    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False):
-        """input_ids (B, S) -> logits (B, S, V); with return_mtp, also a list of D tensors (B, S-k, V)."""
-        hidden, mtp_hidden, _, _ = self._run(input_ids, with_mtp=return_mtp)
+    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, cache: LatentCache | None = None):
+        """input_ids (B, S) -> logits (B, S, V); with return_mtp, also a list of D tensors (B, S-k, V).
+
+        With a cache (inference), input_ids continue each row's cached tokens: positions start where the
+        row's cache ends, and the new latents are appended (the caller advances the cache afterwards).
+        """
+        if cache is not None and return_mtp:
+            raise ValueError("the MTP heads run without a cache")
+        hidden, mtp_hidden, _, _ = self._run(input_ids, with_mtp=return_mtp, cache=cache)
         logits = self.lm_head(hidden)
         if not return_mtp:
             return logits

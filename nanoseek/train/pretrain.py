@@ -20,7 +20,7 @@ from nanoseek.data import tasks
 from nanoseek.data.shards import TokenLoader, heldout_batches, prepare_documents, prepare_files, unigram_entropy
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.generate import generate
+from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
 from nanoseek.train.loop import TrainConfig, Trainer
 from nanoseek.train.metrics import plot_run
@@ -38,7 +38,7 @@ class DataConfig:
     builtin_docs: int = 60_000  # documents of the built-in corpus when no data is given
     fim_rate: float = 0.1
     heldout_fraction: float = 0.02
-    eval_problems: int = 10  # easy held-out problems per task for the final greedy accuracy (0: skip)
+    eval_problems: int = 50  # easy held-out problems per task for the final greedy accuracy (0: skip)
     eval_max_new_tokens: int = 128
 
 
@@ -72,11 +72,13 @@ def task_accuracy(model: DeepSeekV3, tokenizer: Tokenizer, n_per_task: int, diff
                                                         difficulty=difficulty)}
         problems += list(unique.values())[:n_per_task]
     prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
-    outputs = generate(model, prompts, max_new_tokens, stop_ids={tokenizer.eos_id})
+    engine = Engine(model, max_batch=64, max_len=max(map(len, prompts)) + max_new_tokens, tokenizer=tokenizer)
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,),
+                                                      stop_strings=("</answer>",)))
     per_task: dict[str, list[bool]] = {}
     examples = []
     for problem, out in zip(problems, outputs):
-        text = tokenizer.decode(out, skip_special=True)
+        text = out.text
         answer = tasks.extract_answer(text)
         correct = answer is not None and tasks.check_answer(problem, answer)
         per_task.setdefault(problem.task, []).append(correct)

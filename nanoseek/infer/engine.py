@@ -1,0 +1,128 @@
+"""The generation engine: latent KV cache, continuous batching, sampling.
+
+Requests wait in a queue; each running one holds a cache slot. A step prefills waiting requests into free
+slots, then decodes one token for every running request in one batched forward; a finished request frees
+its slot at once for the next waiting one. Each request samples with its own seeded generator, so its
+output does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.infer.cache import LatentKVCache
+from nanoseek.model import DeepSeekV3
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()  # needs the engine's tokenizer
+    seed: int = 0  # request i samples from a generator seeded with seed + i
+
+
+@dataclass
+class Completion:
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (a stop id or string) or "length" (max_new_tokens)
+    text: str | None = None  # decoded tokens, when the engine has a tokenizer
+
+
+class Engine:
+    def __init__(self, model: DeepSeekV3, max_batch: int = 32, max_len: int | None = None, tokenizer=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device = param.device
+        max_len = max_len or min(model.config.max_position_embeddings, 4096)
+        self.cache = LatentKVCache(model.config, max_batch, max_len, self.device, param.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        params = params or SamplingParams()
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need an Engine built with a tokenizer")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            if len(prompt) + params.max_new_tokens > self.cache.max_len:
+                raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens {params.max_new_tokens} "
+                                 f"exceeds the cache's {self.cache.max_len} tokens per sequence")
+        results = [Completion(list(p)) for p in prompts]
+        generators = [torch.Generator(device=self.device).manual_seed(params.seed + i) for i in range(len(prompts))]
+        waiting = deque(range(len(prompts)))
+        free = list(range(self.cache.lengths.shape[0]))[::-1]
+        running: dict[int, int] = {}  # slot -> request
+        while waiting or running:
+            while waiting and free:
+                request, slot = waiting.popleft(), free.pop()
+                logits = self._prefill(slot, prompts[request])
+                if not self._accept(results[request], self._sample(logits, params, generators[request]), params):
+                    running[slot] = request
+                else:
+                    free.append(slot)
+            if not running:
+                continue
+            slots = sorted(running)
+            last = torch.tensor([[results[running[s]].tokens[-1]] for s in slots], device=self.device)
+            self.cache.bind(torch.tensor(slots, device=self.device))
+            logits = self.model(last, cache=self.cache)[:, -1].float()
+            self.cache.advance(1)
+            for row, slot in enumerate(slots):
+                request = running[slot]
+                if self._accept(results[request], self._sample(logits[row], params, generators[request]), params):
+                    del running[slot]
+                    free.append(slot)
+        if self.tokenizer is not None:
+            for r in results:
+                r.text = self._truncate(self.tokenizer.decode(r.tokens), params)
+        return results
+
+    def _prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
+        self.cache.reset(slot)
+        self.cache.bind(torch.tensor([slot], device=self.device))
+        logits = self.model(torch.tensor([prompt], device=self.device), cache=self.cache)[0, -1].float()
+        self.cache.advance(len(prompt))
+        return logits
+
+    def _accept(self, completion: Completion, token: int, params: SamplingParams) -> bool:
+        """Append the token; True when the request is finished."""
+        completion.tokens.append(token)
+        if token in params.stop_ids:
+            completion.finish_reason = "stop"
+            return True
+        if params.stop_strings:
+            tail = self.tokenizer.decode(completion.tokens[-16:])
+            if any(s in tail for s in params.stop_strings):
+                completion.finish_reason = "stop"
+                return True
+        return len(completion.tokens) >= params.max_new_tokens
+
+    @staticmethod
+    def _truncate(text: str, params: SamplingParams) -> str:
+        cut = min((text.index(s) + len(s) for s in params.stop_strings if s in text), default=len(text))
+        return text[:cut]
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+        """logits (V,) float32 -> one token id."""
+        if params.temperature <= 0:
+            return int(logits.argmax())
+        logits = logits / params.temperature
+        if params.top_k:
+            cut = logits.topk(min(params.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < cut, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs, 1, generator=generator))
