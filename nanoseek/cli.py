@@ -98,6 +98,72 @@ def data_prepare(args: argparse.Namespace) -> None:
     print(json.dumps(meta, indent=2))
 
 
+def _load_for_inference(args: argparse.Namespace):
+    """-> (engine, tokenizer) for --model: a checkpoint directory, or a run directory (its latest checkpoint)."""
+    from pathlib import Path
+
+    import torch
+
+    import nanoseek
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.infer.engine import Engine
+
+    path = Path(args.model)
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        path = path / "checkpoints" / latest.read_text().strip() / "model"
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer.json; pass a checkpoint directory that holds one "
+                                "(the `model/` of a nanoseek checkpoint does)")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = Tokenizer.load(path)
+    model = nanoseek.from_pretrained(path, device=device)
+    return Engine(model, max_batch=args.max_batch, max_len=args.max_len, tokenizer=tokenizer), tokenizer
+
+
+def _sampling(args: argparse.Namespace, tokenizer):
+    from nanoseek.infer.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop_ids=(tokenizer.eos_id,),
+                          stop_strings=tuple(args.stop))
+
+
+def generate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from nanoseek.infer.chat import generate_file, read_prompts
+
+    engine, tokenizer = _load_for_inference(args)
+    prompts = read_prompts(Path(args.prompts))
+    generate_file(engine, tokenizer, prompts, Path(args.out), args.template, _sampling(args, tokenizer))
+    print(f"wrote {len(prompts)} completions to {args.out}")
+
+
+def chat(args: argparse.Namespace) -> None:
+    from nanoseek.infer.chat import chat as run
+
+    engine, tokenizer = _load_for_inference(args)
+    run(engine, tokenizer, args.template, _sampling(args, tokenizer))
+
+
+def _add_inference_options(parser: argparse.ArgumentParser, temperature: float) -> None:
+    from nanoseek.infer.chat import TEMPLATES
+
+    parser.add_argument("--model", default="runs/pretrain", help="a checkpoint directory, or a run directory")
+    parser.add_argument("--template", default="question", choices=TEMPLATES,
+                        help="how a message becomes a prompt (`question` is the built-in corpus's format)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--stop", nargs="*", default=[], help="stop strings (the eos token always stops)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (cache slots)")
+    parser.add_argument("--max-len", type=int, default=None, help="tokens per sequence the cache holds")
+    parser.add_argument("--device", default="auto")
+
+
 def main(argv: list[str] | None = None) -> int:
     from nanoseek.train.loop import TrainConfig
     from nanoseek.train.pretrain import DataConfig
@@ -117,6 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_dataclass_options(p, DataConfig)
     _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=pretrain)
+
+    p = sub.add_parser("generate", help="complete a file of prompts (.txt lines or .jsonl \"prompt\") into JSONL",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompts")
+    p.add_argument("--out", default="completions.jsonl")
+    _add_inference_options(p, temperature=0.0)
+    p.set_defaults(func=generate)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal; its thinking is shown apart from the answer",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_inference_options(p, temperature=0.6)
+    p.set_defaults(func=chat)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok = p.add_subparsers(dest="action", required=True)

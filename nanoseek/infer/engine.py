@@ -9,6 +9,7 @@ output does not depend on what it was batched with.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -48,14 +49,7 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
         params = params or SamplingParams()
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need an Engine built with a tokenizer")
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty")
-            if len(prompt) + params.max_new_tokens > self.cache.max_len:
-                raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens {params.max_new_tokens} "
-                                 f"exceeds the cache's {self.cache.max_len} tokens per sequence")
+        self._check(prompts, params)
         results = [Completion(list(p)) for p in prompts]
         generators = [torch.Generator(device=self.device).manual_seed(params.seed + i) for i in range(len(prompts))]
         waiting = deque(range(len(prompts)))
@@ -85,6 +79,34 @@ class Engine:
             for r in results:
                 r.text = self._truncate(self.tokenizer.decode(r.tokens), params)
         return results
+
+    @torch.no_grad()
+    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[int]:
+        """One request, token by token as they are sampled (for interactive use); uses cache slot 0."""
+        params = params or SamplingParams()
+        self._check([prompt], params)
+        generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        completion = Completion(list(prompt))
+        logits = self._prefill(0, prompt)
+        while True:
+            token = self._sample(logits, params, generator)
+            done = self._accept(completion, token, params)
+            yield token
+            if done:
+                return
+            self.cache.bind(torch.tensor([0], device=self.device))
+            logits = self.model(torch.tensor([[token]], device=self.device), cache=self.cache)[0, -1].float()
+            self.cache.advance(1)
+
+    def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need an Engine built with a tokenizer")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            if len(prompt) + params.max_new_tokens > self.cache.max_len:
+                raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens {params.max_new_tokens} "
+                                 f"exceeds the cache's {self.cache.max_len} tokens per sequence")
 
     def _prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
         self.cache.reset(slot)
