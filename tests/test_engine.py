@@ -98,3 +98,37 @@ def test_bad_requests(model):
         engine.generate([[1] * 10], SamplingParams(max_new_tokens=8))
     with pytest.raises(ValueError, match="stop_strings need an Engine built with a tokenizer"):
         engine.generate([[1]], SamplingParams(max_new_tokens=4, stop_strings=("x",)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_speculative_greedy_equals_plain_greedy(seed):
+    model = DeepSeekV3(tiny_config(num_nextn_predict_layers=1)).eval()
+    randomize(model, seed=20 + seed, std=0.1)
+    engine = Engine(model, max_len=96)
+    params = SamplingParams(max_new_tokens=40)
+    for prompt in ([5, 9, 2], [7, 1, 7, 1, 7, 1, 7], [100, 200, 300, 400]):
+        plain = engine.generate([prompt], params)[0].tokens
+        spec, stats = engine.generate_speculative(prompt, params)
+        assert spec.tokens == plain
+        assert stats["proposed"] >= 1 and 0 <= stats["acceptance_rate"] <= 1
+
+
+def test_speculative_accepts_every_draft_when_the_mtp_module_is_right():
+    """A model whose main output and MTP output both copy the input token: every draft is verified."""
+    torch.manual_seed(0)
+    model = DeepSeekV3(tiny_config(num_nextn_predict_layers=1)).eval()
+    with torch.no_grad():
+        # embedding = identity-like code; lm_head reads it back; all blocks' outputs zeroed -> logits ~ x + ...
+        for p in model.parameters():
+            p.zero_()
+        for module in model.modules():
+            if hasattr(module, "weight") and module.__class__.__name__ == "RMSNorm":
+                module.weight.fill_(1.0)
+        code = torch.randn(512, 64)
+        model.embed_tokens.weight.copy_(code)
+        model.lm_head.weight.copy_(code)
+        model.mtp[0].eh_proj.weight[:, :64].copy_(torch.eye(64))  # MTP passes the next token's embedding
+    engine = Engine(model, max_len=64)
+    completion, stats = engine.generate_speculative([3, 4, 5], SamplingParams(max_new_tokens=10))
+    assert completion.tokens == engine.generate([[3, 4, 5]], SamplingParams(max_new_tokens=10))[0].tokens
+    assert stats["acceptance_rate"] == 1.0 and stats["tokens_per_forward"] > 1.5

@@ -14,8 +14,8 @@ from nanoseek.config import ModelConfig
 
 class LatentKVCache:
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        layers = config.num_hidden_layers
+                 dtype: torch.dtype = torch.float32, layers: int | None = None):
+        layers = config.num_hidden_layers if layers is None else layers  # 1 for an MTP module's own cache
         self.max_len = max_len
         self.latent = torch.zeros(layers, slots, max_len, config.kv_lora_rank, device=device, dtype=dtype)
         self.k_rope = torch.zeros(layers, slots, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
@@ -53,7 +53,8 @@ class LatentKVCache:
         return _LayerView(self, index)
 
     def advance(self, counts: torch.Tensor | int) -> None:
-        """After a forward: each active slot now holds `counts` more tokens (a prompt's true length, or 1)."""
+        """After a forward: each active slot now holds `counts` more tokens (a prompt's true length, or 1;
+        negative to drop rejected speculative tokens, whose stale entries are then masked and overwritten)."""
         self.lengths[self.active] += counts
 
 

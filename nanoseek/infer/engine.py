@@ -45,6 +45,7 @@ class Engine:
         self.device = param.device
         max_len = max_len or min(model.config.max_position_embeddings, 4096)
         self.cache = LatentKVCache(model.config, max_batch, max_len, self.device, param.dtype)
+        self._mtp_cache: LatentKVCache | None = None  # made on the first speculative request
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
@@ -97,6 +98,64 @@ class Engine:
             self.cache.bind(torch.tensor([0], device=self.device))
             logits = self.model(torch.tensor([[token]], device=self.device), cache=self.cache)[0, -1].float()
             self.cache.advance(1)
+
+    @torch.no_grad()
+    def generate_speculative(self, prompt: list[int], params: SamplingParams | None = None
+                             ) -> tuple[Completion, dict[str, float]]:
+        """Greedy decoding of one request where the MTP module drafts the next token and the main model checks
+        it in the same forward as the pending one; the output equals plain greedy decoding token for token.
+
+        Each verification feeds [pending, draft] (positions n, n+1). If the main model's prediction after
+        `pending` is the draft, both are kept and the prediction after the draft comes free; otherwise the
+        draft's cache entry is dropped and the main model's own token is kept. The MTP module then reads the
+        hidden states of the kept positions (with their next tokens) to draft again.
+        """
+        params = params or SamplingParams()
+        if params.temperature > 0:
+            raise ValueError("speculative decoding is greedy here: use temperature 0")
+        self._check([prompt], SamplingParams(max_new_tokens=params.max_new_tokens + 1))
+        if self._mtp_cache is None:
+            self._mtp_cache = LatentKVCache(self.model.config, 1, self.cache.max_len, self.device,
+                                            self.cache.latent.dtype, layers=1)
+        slot = torch.tensor([0], device=self.device)
+        main, mtp = self.cache.bind(slot), self._mtp_cache.bind(slot)
+        main.reset(0)
+        mtp.reset(0)
+        completion = Completion(list(prompt))
+        logits, hidden = self.model(torch.tensor([prompt], device=self.device), cache=main, return_hidden=True)
+        main.advance(len(prompt))
+        pending = int(logits[0, -1].argmax())
+        draft = self._draft(hidden, prompt[1:] + [pending])
+        proposed = accepted = 0
+        done = self._accept(completion, pending, params)
+        while not done:
+            proposed += 1
+            logits, hidden = self.model(torch.tensor([[pending, draft]], device=self.device), cache=main,
+                                        return_hidden=True)
+            main.advance(2)
+            verified = int(logits[0, 0].argmax())
+            if verified == draft:
+                accepted += 1
+                kept = [draft, int(logits[0, 1].argmax())]
+            else:
+                main.advance(-1)  # the draft's position is wrong: drop it
+                kept, hidden = [verified], hidden[:, :1]
+            draft = self._draft(hidden, kept)
+            for token in kept:
+                if done := self._accept(completion, token, params):
+                    break
+            pending = kept[-1]
+        if self.tokenizer is not None:
+            completion.text = self._truncate(self.tokenizer.decode(completion.tokens), params)
+        stats = {"proposed": proposed, "accepted": accepted, "acceptance_rate": accepted / max(1, proposed),
+                 "tokens_per_forward": len(completion.tokens) / (1 + proposed)}
+        return completion, stats
+
+    def _draft(self, hidden: torch.Tensor, next_tokens: list[int]) -> int:
+        """MTP over the positions whose hidden states are given, each with its next token -> the draft token."""
+        logits = self.model.mtp_draft(hidden, torch.tensor([next_tokens], device=self.device), self._mtp_cache)
+        self._mtp_cache.advance(len(next_tokens))
+        return int(logits[0, -1].argmax())
 
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
         if params.stop_strings and self.tokenizer is None:

@@ -68,9 +68,10 @@ class MTPModule(nn.Module):
         self.block = Block(config, layer_id)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCacheLayer | None = None):
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(x, cos, sin, cache)
 
 
 @dataclass
@@ -172,19 +173,33 @@ class DeepSeekV3(nn.Module):
                 mtp_hidden.append(module.norm(prev))
         return hidden, mtp_hidden, counts, balances
 
-    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, cache: LatentCache | None = None):
+    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, cache: LatentCache | None = None,
+                return_hidden: bool = False):
         """input_ids (B, S) -> logits (B, S, V); with return_mtp, also a list of D tensors (B, S-k, V).
 
         With a cache (inference), input_ids continue each row's cached tokens: positions start where the
         row's cache ends, and the new latents are appended (the caller advances the cache afterwards).
+        return_hidden: return (logits, final normed hidden states) instead, the input of the MTP draft.
         """
         if cache is not None and return_mtp:
-            raise ValueError("the MTP heads run without a cache")
+            raise ValueError("the MTP heads run without a cache; draft with mtp_draft()")
         hidden, mtp_hidden, _, _ = self._run(input_ids, with_mtp=return_mtp, cache=cache)
         logits = self.lm_head(hidden)
+        if return_hidden:
+            return logits, hidden
         if not return_mtp:
             return logits
         return logits, [self.lm_head(h) for h in mtp_hidden]
+
+    def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """Speculative decoding's draft: the first MTP module at positions t, from the main model's hidden h_t
+        (B, S, H) and the token t+1 (B, S), with its own cache (positions continue from it) -> logits for
+        token t+2 (B, S, V)."""
+        if not self.mtp:
+            raise ValueError("this model has no MTP module to draft with")
+        cos, sin = self.rotary(cache.positions(next_ids.shape[1]))
+        x, _, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache.layer(0))
+        return self.lm_head(self.mtp[0].norm(x))
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float | None = None,
                      balance_alpha: float | None = None) -> LossOutput:
