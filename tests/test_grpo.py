@@ -1,0 +1,142 @@
+"""GRPO: advantages and losses against hand-computed cases, k3 against the closed form, rewards, a toy update."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.data.tasks import Problem
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.model import DeepSeekV3
+from nanoseek.train.grpo import (GRPOLossConfig, completion_logprobs, group_advantages, informative_groups, k3_kl,
+                                 policy_loss)
+from nanoseek.train.rewards import (RewardSet, Sample, accuracy_reward, boxed_answer, format_reward,
+                                    language_consistency, overlong_penalty, r1_zero_rewards)
+
+from conftest import tiny_config
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of (1, 0, 0, 1)
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]) / torch.tensor([[std + 1e-4], [1e-4]])
+    torch.testing.assert_close(group_advantages(rewards), expected)
+    torch.testing.assert_close(group_advantages(rewards, scale_std=False),
+                               torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]))
+    assert informative_groups(rewards).tolist() == [True, False]
+
+
+# Two completions of 3 tokens (the second has 2); old policy = reference = log-prob 0 everywhere.
+LOGP = torch.tensor([[math.log(1.5), 0.0, 0.0], [math.log(0.5), 0.0, 0.0]])
+OLD = torch.zeros(2, 3)
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+ADV = torch.tensor([1.0, -1.0])
+# per token, eps 0.2: row 0: -min(1.5, 1.2) = -1.2, -1, -1; row 1 (A = -1): -min(-0.5, -0.8) = 0.8, then 1
+
+
+@pytest.mark.parametrize("aggregation,expected", [
+    ("sequence", ((-1.2 - 1 - 1) / 3 + (0.8 + 1) / 2) / 2),  # GRPO: mean per sequence, then over sequences
+    ("token", (-3.2 + 1.8) / 5),  # DAPO: mean over all tokens of the batch
+    ("constant", (-3.2 + 1.8) / (2 * 4)),  # Dr. GRPO: sum / (batch * max_tokens)
+])
+def test_policy_loss_per_aggregation(aggregation, expected):
+    cfg = GRPOLossConfig(aggregation=aggregation, max_tokens=4)
+    loss, stats = policy_loss(LOGP, OLD, ADV, MASK, cfg)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(2 / 5)  # both first tokens are outside the clip range
+
+
+def test_clip_higher_and_kl_term():
+    loss, _ = policy_loss(LOGP, OLD, ADV, MASK, GRPOLossConfig(aggregation="token", eps_high=0.6))
+    assert loss.item() == pytest.approx((-1.5 - 2 + 1.8) / 5)  # ratio 1.5 is inside [0.8, 1.6]: not clipped
+    ref = torch.zeros(2, 3)
+    loss, stats = policy_loss(LOGP, OLD, ADV, MASK, GRPOLossConfig(aggregation="token", beta=0.1), ref_logp=ref)
+    k3 = [1 / 1.5 + math.log(1.5) - 1, 1 / 0.5 + math.log(0.5) - 1]  # exp(-d) + d - 1 at d = log ratio
+    assert loss.item() == pytest.approx((-3.2 + 1.8 + 0.1 * sum(k3)) / 5)
+    assert stats["kl"] == pytest.approx(sum(k3) / 5)
+
+
+def test_k3_expectation_is_the_kl_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    policy = torch.rand(50, generator=gen).softmax(0)
+    reference = torch.rand(50, generator=gen).softmax(0)
+    expected = (policy * (policy.log() - reference.log())).sum()  # KL(policy || reference)
+    estimate = (policy * k3_kl(policy.log(), reference.log())).sum()  # E over tokens drawn from the policy
+    torch.testing.assert_close(estimate, expected)
+    assert (k3_kl(policy.log(), reference.log()) >= 0).all()
+
+
+ADDITION = Problem("addition", "What is 47 + 38?", "85", "...", 1)
+HALF = Problem("math", "What is 1/2 as a decimal?", "\\frac{1}{2}", "", 1)
+REWARD_TABLE = [
+    (ADDITION, "7 + 8 = 15.\n</think>\n<answer>85</answer>", 1.0, 1.0),
+    (ADDITION, "<think>7 + 8 = 15.</think> <answer> 85 </answer>", 1.0, 1.0),
+    (ADDITION, "</think>\n<answer>86</answer>", 0.0, 0.0),  # wrong, and an empty reasoning is not the format
+    (ADDITION, "the answer is 85", 0.0, 0.0),  # missing tags
+    (ADDITION, "", 0.0, 0.0),  # empty output
+    (ADDITION, "x</think><answer></answer>", 0.0, 0.0),
+    (ADDITION, "x</think><answer>85</answer> and more", 1.0, 0.0),  # text after the answer breaks the format
+    (ADDITION, "x</think><answer>85</answer><answer>85</answer>", 1.0, 0.0),  # two answers
+    (HALF, "halve it</think><answer>0.5</answer>", 1.0, 1.0),  # \frac{1}{2} vs 0.5
+    (HALF, "so \\boxed{\\frac{1}{2}}", 1.0, 0.0),  # boxed with nested braces
+    (HALF, "so \\boxed{\\frac{1}{3}}", 0.0, 0.0),
+    (HALF, "so \\boxed{\\frac{1}{2}", 0.0, 0.0),  # unbalanced braces: no answer
+    (HALF, "</think><answer>\\frac{{{</answer>", 0.0, 0.0),  # malformed LaTeX
+]
+
+
+@pytest.mark.parametrize("problem,completion,accuracy,fmt", REWARD_TABLE)
+def test_reward_table(problem, completion, accuracy, fmt):
+    sample = Sample(problem, completion)
+    assert accuracy_reward(sample) == accuracy
+    assert format_reward(sample) == fmt
+    scores = r1_zero_rewards()(sample)
+    assert scores["total"] == accuracy + fmt
+
+
+def test_boxed_nested_braces():
+    assert boxed_answer("a \\boxed{1} then \\boxed{\\frac{a}{b^{2}}} end") == "\\frac{a}{b^{2}}"
+
+
+def test_language_consistency_and_overlong():
+    assert language_consistency("we compute 这个", "en") == pytest.approx(2 / 4)
+    assert language_consistency("we compute 这个", "zh") == pytest.approx(2 / 4)
+    assert language_consistency("12 + 3 = 15", "en") == 1.0
+    assert [overlong_penalty(n, 100, 20) for n in (50, 80, 90, 100, 130)] == [0.0, 0.0, -0.5, -1.0, -1.0]
+
+
+def test_a_raising_reward_scores_zero():
+    def broken(sample):
+        raise RuntimeError("boom")
+    scores = RewardSet({"broken": broken, "format": format_reward}, {"broken": 1.0, "format": 1.0})(
+        Sample(ADDITION, "x</think><answer>85</answer>"))
+    assert scores == {"broken": 0.0, "format": 1.0, "total": 1.0}
+
+
+def test_grpo_steps_raise_the_probability_of_the_rewarded_completion():
+    """Toy problem: one prompt, one-token completions, reward 1 for a token in the lower half of the vocab."""
+    torch.manual_seed(0)
+    model = DeepSeekV3(tiny_config(num_nextn_predict_layers=0))
+    prompt = [0, 5, 6, 7]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    cfg = GRPOLossConfig(aggregation="token")
+
+    def rewarded_mass():
+        with torch.no_grad():
+            return model(torch.tensor([prompt]))[0, -1].softmax(-1)[:256].sum().item()
+
+    before = rewarded_mass()
+    for step in range(10):
+        outs = Engine(model, max_batch=16, max_len=16).generate(
+            [prompt] * 16, SamplingParams(max_new_tokens=1, temperature=1.0, seed=100 * step))
+        sequences = torch.tensor([prompt + o.tokens for o in outs])
+        rewards = torch.tensor([[float(o.tokens[0] < 256) for o in outs]])
+        advantages = group_advantages(rewards).flatten()
+        model.train()
+        logp, mask, _ = completion_logprobs(model, sequences, torch.full((16,), len(prompt)))
+        loss, _ = policy_loss(logp, logp.detach(), advantages, mask, cfg)  # mu = 1: the sampler is this policy
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = rewarded_mass()
+    assert after > before + 0.2, (before, after)
