@@ -147,6 +147,22 @@ def chat(args: argparse.Namespace) -> None:
     run(engine, tokenizer, args.template, _sampling(args, tokenizer))
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from nanoseek.eval import EvalConfig, format_table, heldout_problems
+    from nanoseek.eval import evaluate as run
+
+    engine, tokenizer = _load_for_inference(args)
+    cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                     seed=args.seed, greedy=not args.no_greedy)
+    report = run(engine.model, tokenizer, heldout_problems(args.problems, args.difficulty, args.seed), cfg,
+                 max_batch=args.max_batch)
+    print(format_table(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def _add_inference_options(parser: argparse.ArgumentParser, temperature: float) -> None:
     from nanoseek.infer.chat import TEMPLATES
 
@@ -195,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_inference_options(p, temperature=0.6)
     p.set_defaults(func=chat)
+
+    p = sub.add_parser("eval", help="pass@1 over k samples, cons@k, greedy accuracy and format rate on held-out "
+                       "built-in problems", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_inference_options(p, temperature=0.6)
+    p.add_argument("--k", type=int, default=8, help="samples per problem")
+    p.add_argument("--problems", type=int, default=30, help="distinct held-out problems per task")
+    p.add_argument("--difficulty", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--out", help="write the report as JSON")
+    p.set_defaults(func=evaluate, max_new_tokens=160, max_batch=64)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok = p.add_subparsers(dest="action", required=True)

@@ -20,7 +20,7 @@ from nanoseek.data import tasks
 from nanoseek.data.shards import TokenLoader, heldout_batches, prepare_documents, prepare_files, unigram_entropy
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.eval import EvalConfig, evaluate, heldout_problems
 from nanoseek.model import DeepSeekV3
 from nanoseek.train.loop import TrainConfig, Trainer
 from nanoseek.train.metrics import plot_run
@@ -62,32 +62,14 @@ def _prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int)
     return data_dir
 
 
-@torch.no_grad()
-def task_accuracy(model: DeepSeekV3, tokenizer: Tokenizer, n_per_task: int, difficulty: int = 1, seed: int = 0,
+def task_accuracy(model: DeepSeekV3, tokenizer: Tokenizer, n_per_task: int, seed: int = 0,
                   max_new_tokens: int = 160) -> dict[str, Any]:
-    """Greedy accuracy on held-out problems of each built-in task (the problems the model never trained on)."""
-    problems = []
-    for name in tasks.TASKS:  # distinct questions: easy levels have few, and the generator may repeat them
-        unique = {p.question: p for p in tasks.generate(name, 4 * n_per_task, seed=seed, split="heldout",
-                                                        difficulty=difficulty)}
-        problems += list(unique.values())[:n_per_task]
-    prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
-    engine = Engine(model, max_batch=64, max_len=max(map(len, prompts)) + max_new_tokens, tokenizer=tokenizer)
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,),
-                                                      stop_strings=("</answer>",)))
-    per_task: dict[str, list[bool]] = {}
-    examples = []
-    for problem, out in zip(problems, outputs):
-        text = out.text
-        answer = tasks.extract_answer(text)
-        correct = answer is not None and tasks.check_answer(problem, answer)
-        per_task.setdefault(problem.task, []).append(correct)
-        if len(examples) < 2 * len(tasks.TASKS) and len([e for e in examples if e["task"] == problem.task]) < 2:
-            examples.append({"task": problem.task, "question": problem.question, "expected": problem.answer,
-                             "output": text, "correct": correct})
-    accuracy = {name: sum(v) / len(v) for name, v in per_task.items()}
-    return {"difficulty": difficulty, "per_task": accuracy,
-            "mean": sum(accuracy.values()) / len(accuracy), "examples": examples}
+    """Greedy accuracy on easy held-out problems of each built-in task (questions the model never trained on)."""
+    report = evaluate(model, tokenizer, heldout_problems(n_per_task, difficulty=1, seed=seed),
+                      EvalConfig(k=1, temperature=0.0, max_new_tokens=max_new_tokens, greedy=False))
+    per_task = {name: values["pass@1"] for name, values in report["per_task"].items()}
+    return {"difficulty": 1, "per_task": per_task, "mean": report["overall"]["pass@1"],
+            "format": report["overall"]["format"]}
 
 
 def pretrain(setup: DataConfig | None = None, train: TrainConfig | None = None, resume: bool = False,

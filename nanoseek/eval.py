@@ -1,0 +1,91 @@
+"""Evaluation as DeepSeek-R1 reports it: pass@1 averaged over k samples, cons@k majority vote, greedy accuracy.
+
+pass@1 = mean over problems of (correct samples / k), sampled at temperature 0.6 and top-p 0.95 by default;
+cons@k: the most frequent normalised answer among the k samples (unparseable ones do not vote) is checked;
+greedy: one temperature-0 completion per problem. Also the format rate (R1-Zero's structure) and the mean
+completion length, per task and overall.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from nanoseek.data import tasks
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.engine import Completion, Engine, SamplingParams
+from nanoseek.model import DeepSeekV3
+from nanoseek.train.rewards import Sample, format_reward, final_answer
+
+
+@dataclass
+class EvalConfig:
+    k: int = 8
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 160
+    seed: int = 0
+    greedy: bool = True
+
+
+def score_problem(problem: tasks.Problem, samples: list[str]) -> dict[str, float]:
+    """One problem's k sampled completions -> pass@1, cons@k, format rate."""
+    answers = [final_answer(s) for s in samples]
+    correct = [a is not None and tasks.check_answer(problem, a) for a in answers]
+    votes = Counter(n for a in answers if a is not None
+                    and (n := tasks.normalize_answer(problem, a)) is not None)
+    majority = votes.most_common(1)[0][0] if votes else None
+    winner = next((a for a in answers if a is not None and tasks.normalize_answer(problem, a) == majority), None)
+    return {"pass@1": sum(correct) / len(samples),
+            "cons@k": float(winner is not None and tasks.check_answer(problem, winner)),
+            "format": sum(format_reward(Sample(problem, s)) for s in samples) / len(samples)}
+
+
+def evaluate(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Problem], cfg: EvalConfig | None = None,
+             max_batch: int = 64) -> dict[str, Any]:
+    cfg = cfg or EvalConfig()
+    prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
+    engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
+                    tokenizer=tokenizer)
+    stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
+    sampled = engine.generate([p for p in prompts for _ in range(cfg.k)], SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **stop))
+    greedy: list[Completion] = (engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, **stop))
+                                if cfg.greedy else [])
+    rows = []
+    for i, problem in enumerate(problems):
+        group = sampled[i * cfg.k:(i + 1) * cfg.k]
+        row = {"task": problem.task, **score_problem(problem, [c.text for c in group]),
+               "length": sum(len(c.tokens) for c in group) / cfg.k}
+        if greedy:
+            answer = final_answer(greedy[i].text)
+            row["greedy"] = float(answer is not None and tasks.check_answer(problem, answer))
+        rows.append(row)
+    metrics = [m for m in rows[0] if m != "task"]
+
+    def mean(subset: list[dict]) -> dict[str, float]:
+        return {m: sum(r[m] for r in subset) / len(subset) for m in metrics}
+
+    per_task = {name: mean([r for r in rows if r["task"] == name]) for name in dict.fromkeys(r["task"] for r in rows)}
+    return {"problems": len(problems), "k": cfg.k, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "overall": mean(rows), "per_task": per_task}
+
+
+def heldout_problems(n_per_task: int, difficulty: int | None = 1, seed: int = 0) -> list[tasks.Problem]:
+    """Distinct held-out questions of every built-in task (easy levels repeat, so more are drawn than kept)."""
+    problems = []
+    for name in tasks.TASKS:
+        unique = {p.question: p for p in tasks.generate(name, 4 * n_per_task, seed=seed, split="heldout",
+                                                        difficulty=difficulty)}
+        problems += list(unique.values())[:n_per_task]
+    return problems
+
+
+def format_table(report: dict[str, Any]) -> str:
+    cols = list(report["overall"])
+    lines = ["| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, values in [*report["per_task"].items(), ("overall", report["overall"])]:
+        cells = [f"{v:.1f}" if c == "length" else f"{100 * v:.1f}%" for c, v in values.items()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
