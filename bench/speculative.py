@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import nanoseek
+from nanoseek.checkpoint import resolve_checkpoint
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.chat import encode_prompt
@@ -32,9 +33,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    path = Path(args.model)
-    if (path / "checkpoints" / "latest").is_file():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip() / "model"
+    path = resolve_checkpoint(args.model)
     model = nanoseek.from_pretrained(path, device=args.device)
     tokenizer = Tokenizer.load(path)
     engine = Engine(model, max_batch=1, max_len=512, tokenizer=tokenizer)

@@ -206,6 +206,15 @@ def read_state_dict(files: _TensorFiles, config: ModelConfig,
     return state
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or for a training run's directory its latest checkpoint's model."""
+    path = Path(path)
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        return path / "checkpoints" / latest.read_text().strip() / "model"
+    return path
+
+
 def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None) -> DeepSeekV3:
     directory = Path(directory)

@@ -43,22 +43,25 @@ def info(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One --option per field of a config dataclass, typed and defaulted from the field (one source of truth)."""
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                           defaults=None) -> None:
+    """One --option per field of a config dataclass, typed and defaulted from the field (one source of truth),
+    or from a `defaults` instance where a stage's defaults differ."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        default = getattr(defaults, f.name) if defaults is not None else f.default
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, nargs="+", default=f.default)
+            parser.add_argument(flag, nargs="+", default=default)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper())
+            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper())
 
 
 def _from_args(cls: type, args: argparse.Namespace):
@@ -78,6 +81,18 @@ def pretrain(args: argparse.Namespace) -> None:
               f"report: {args.out_dir}/report.md")
     elif report.get("stopped") is not None:
         print(f"stopped at step {report['step']}; resume with: nanoseek pretrain --resume --out-dir {args.out_dir}")
+
+
+def grpo(args: argparse.Namespace) -> None:
+    from nanoseek.train.grpo import GRPOConfig, GRPOLossConfig, run_grpo
+    from nanoseek.train.loop import TrainConfig
+
+    loss = _from_args(GRPOLossConfig, args)
+    settings = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(GRPOConfig)}}
+    result = run_grpo(args.model, _from_args(TrainConfig, args), GRPOConfig(**{**settings, "loss": loss}),
+                      resume=args.resume)
+    print(f"stopped at step {result['step']}" if result["stopped"] is not None else
+          f"finished {result['step']} steps; checkpoints in {args.out_dir}/checkpoints, plots in {args.out_dir}/plots")
 
 
 def tokenizer_train(args: argparse.Namespace) -> None:
@@ -100,18 +115,14 @@ def data_prepare(args: argparse.Namespace) -> None:
 
 def _load_for_inference(args: argparse.Namespace):
     """-> (engine, tokenizer) for --model: a checkpoint directory, or a run directory (its latest checkpoint)."""
-    from pathlib import Path
-
     import torch
 
     import nanoseek
+    from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.data.tokenizer import Tokenizer
     from nanoseek.infer.engine import Engine
 
-    path = Path(args.model)
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        path = path / "checkpoints" / latest.read_text().strip() / "model"
+    path = resolve_checkpoint(args.model)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path} has no tokenizer.json; pass a checkpoint directory that holds one "
                                 "(the `model/` of a nanoseek checkpoint does)")
@@ -199,6 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     _add_dataclass_options(p, DataConfig)
     _add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=pretrain)
+
+    from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOLossConfig
+
+    p = sub.add_parser("grpo", help="R1-Zero: GRPO with rule-based rewards on the built-in tasks, from a base model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="runs/pretrain", help="the base model: a checkpoint or a run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
+    _add_dataclass_options(p, GRPOConfig, skip=("loss",))
+    _add_dataclass_options(p, GRPOLossConfig)
+    _add_dataclass_options(p, TrainConfig, defaults=GRPO_TRAIN_DEFAULTS)
+    p.set_defaults(func=grpo)
 
     p = sub.add_parser("generate", help="complete a file of prompts (.txt lines or .jsonl \"prompt\") into JSONL",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

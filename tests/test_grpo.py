@@ -140,3 +140,27 @@ def test_grpo_steps_raise_the_probability_of_the_rewarded_completion():
         optimizer.zero_grad()
     after = rewarded_mass()
     assert after > before + 0.2, (before, after)
+
+
+def test_grpo_stage_runs_logs_and_resumes_exactly(tmp_path):
+    """`nanoseek grpo` on a tiny checkpoint: 4 steps straight equal 2 steps + resume + 2 steps."""
+    from nanoseek.cli import main
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.train.metrics import read_metrics
+
+    tokenizer = Tokenizer.train([f"Question: What is {a} + {b}?\n<think>\n{a + b}" for a in range(20)
+                                 for b in range(20)], 300)
+    torch.manual_seed(0)
+    DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)).save_pretrained(tmp_path / "base")
+    tokenizer.save(tmp_path / "base")
+    args = ["grpo", "--model", str(tmp_path / "base"), "--group-size", "4", "--prompts-per-step", "2",
+            "--max-new-tokens", "6", "--no-tensorboard", "--save-every", "2", "--lr", "1e-3", "--no-drop-uninformative"]
+    assert main([*args, "--out-dir", str(tmp_path / "a"), "--max-steps", "4"]) == 0
+    assert main([*args, "--out-dir", str(tmp_path / "b"), "--max-steps", "2"]) == 0
+    assert main([*args, "--out-dir", str(tmp_path / "b"), "--max-steps", "4", "--resume"]) == 0
+    a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    keys = ("reward", "accuracy", "format_rate", "length_mean", "loss", "kl", "clip_fraction")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert all("generation_time" in r and "entropy" in r and "reward_format" in r for r in a)
+    assert (tmp_path / "a" / "plots" / "reward.png").is_file() and (tmp_path / "a" / "plots" / "length.png").is_file()
+    assert (tmp_path / "a" / "checkpoints" / "step_000004" / "model" / "tokenizer.json").is_file()

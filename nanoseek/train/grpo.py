@@ -9,12 +9,22 @@ DAPO's clip-higher) plus beta times the k3 estimate of KL(policy || reference), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.data import tasks
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
+from nanoseek.train.loop import TrainConfig, Trainer, TrainingError, learning_rate
+from nanoseek.train.rewards import RewardSet, Sample, r1_zero_rewards
 
 AGGREGATIONS = ("sequence", "token", "constant")
 
@@ -93,3 +103,139 @@ def completion_logprobs(model: DeepSeekV3, sequences: torch.Tensor, prompt_lens:
     mask = (positions >= prompt_lens[:, None]) & valid[:, 1:]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, mask, entropy
+
+
+# ---------------------------------------------------------------------- the stage: `nanoseek grpo`
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # G completions per prompt
+    prompts_per_step: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    mu: int = 1  # policy updates per batch of rollouts (> 1 makes the ratio against the sampler matter)
+    drop_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage)
+    format_weight: float = 1.0
+    difficulty: int | None = None  # None: the corpus's mix of levels
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+
+
+class ProblemStream:
+    """Training problems of the built-in tasks, drawn in a seeded order; the position resumes exactly."""
+
+    def __init__(self, seed: int = 0, difficulty: int | None = None):
+        self.seed, self.difficulty, self.cursor = seed, difficulty, 0
+
+    def next_batch(self, n: int) -> list[tasks.Problem]:
+        names = list(tasks.TASKS)
+        batch = [tasks.generate(names[(self.cursor + i) % len(names)], 1, seed=self.seed * 1_000_003 +
+                                self.cursor + i, split="train", difficulty=self.difficulty)[0] for i in range(n)]
+        self.cursor += n
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.cursor = state["cursor"]
+
+
+class GRPOTrainer(Trainer):
+    """The shared Trainer (optimizer, schedule, checkpoints, signals, logs) with a GRPO step: sample G
+    completions per prompt on the engine, score them with the rewards, update the policy."""
+
+    def __init__(self, model: DeepSeekV3, tokenizer: Tokenizer, problems: ProblemStream, cfg: TrainConfig,
+                 grpo: GRPOConfig, rewards: RewardSet | None = None, model_files: dict[str, Path] | None = None):
+        super().__init__(model, problems, cfg, heldout=None, model_files=model_files)
+        self.grpo, self.tokenizer = grpo, tokenizer
+        self.rewards = rewards or r1_zero_rewards(format_weight=grpo.format_weight)
+        self.engine = Engine(self.model, max_batch=grpo.prompts_per_step * grpo.group_size,
+                             max_len=512 + grpo.max_new_tokens)
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if grpo.loss.beta else None
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, g, tok = self.cfg, self.grpo, self.tokenizer
+        start = time.perf_counter()
+        lr = learning_rate(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        problems = self.data.next_batch(g.prompts_per_step)
+        prompts = [tok.encode(tasks.format_prompt(p), bos=True) for p in problems]
+        outs = self.engine.generate([p for p in prompts for _ in range(g.group_size)], SamplingParams(
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=(tok.eos_id,),
+            seed=cfg.seed * 1_000_003 + self.step * 10_007))
+        generated = time.perf_counter()
+        scores = []
+        for i, out in enumerate(outs):
+            text = tok.decode([t for t in out.tokens if t != tok.eos_id])
+            scores.append(self.rewards(Sample(problems[i // g.group_size], text, len(out.tokens))))
+        rewards = torch.tensor([s["total"] for s in scores]).view(g.prompts_per_step, g.group_size)
+        advantages = group_advantages(rewards, g.loss.scale_std, g.loss.std_eps)
+        keep = informative_groups(rewards) if g.drop_uninformative else torch.ones(len(problems), dtype=torch.bool)
+        rows = [i for i in range(len(outs)) if keep[i // g.group_size]]
+        stats: dict[str, float] = {"clip_fraction": 0.0, "kl": 0.0}
+        loss_value, entropy = 0.0, float("nan")
+        self.model.train()
+        if rows:
+            width = max(len(prompts[i // g.group_size]) + len(outs[i].tokens) for i in rows)
+            sequences = torch.full((len(rows), width), -1, dtype=torch.long)
+            for r, i in enumerate(rows):
+                seq = prompts[i // g.group_size] + outs[i].tokens
+                sequences[r, :len(seq)] = torch.tensor(seq)
+            sequences = sequences.to(self.device)
+            prompt_lens = torch.tensor([len(prompts[i // g.group_size]) for i in rows], device=self.device)
+            adv = advantages.flatten()[rows].to(self.device)
+            with torch.no_grad():
+                old = completion_logprobs(self.model, sequences, prompt_lens)[0] if g.mu > 1 else None
+                ref = completion_logprobs(self.reference, sequences, prompt_lens)[0] if self.reference else None
+            for _ in range(g.mu):
+                logp, mask, ent = completion_logprobs(self.model, sequences, prompt_lens)
+                loss, stats = policy_loss(logp, logp.detach() if old is None else old, adv, mask, g.loss, ref)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_value = float(loss.detach())
+                entropy = float((ent * mask).sum() / mask.sum().clamp(min=1))
+        self.step += 1
+        lengths = [len(o.tokens) for o in outs]
+        elapsed = time.perf_counter() - start
+        self.tokens += sum(lengths)
+        record = {"kind": "train", "step": self.step, "lr": lr, "loss": loss_value,
+                  "reward": float(rewards.mean()), "accuracy": _mean(s["accuracy"] for s in scores),
+                  "format_rate": _mean(s["format"] for s in scores),
+                  **{f"reward_{k}": _mean(s[k] for s in scores) for k in scores[0] if k != "total"},
+                  "length_mean": _mean(lengths), "length_max": max(lengths), "groups_kept": int(keep.sum()),
+                  "entropy": entropy, **stats, "generation_time": generated - start,
+                  "update_time": elapsed - (generated - start), "step_time": elapsed,
+                  "tokens_per_s": sum(lengths) / elapsed}
+        return record
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+# The shared loop's options with RL's defaults: a small constant learning rate, no weight decay.
+GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=100, lr=1e-4, warmup_steps=5, decay_start=1.0,
+                                  weight_decay=0.0, save_every=20, eval_every=0, keep_last=2)
+
+
+def run_grpo(model_path: str | Path = "runs/pretrain", train: TrainConfig | None = None,
+             grpo: GRPOConfig | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """`nanoseek grpo`: R1-Zero from the base model at model_path (a checkpoint, or a run's latest one)."""
+    train, grpo = train or GRPO_TRAIN_DEFAULTS, grpo or GRPOConfig()
+    out = Path(train.out_dir)
+    latest = out / "checkpoints" / "latest"
+    if latest.exists() and not resume:
+        raise TrainingError(f"{out} already holds a run (at {latest.read_text().strip()}); pass --resume to "
+                            "continue it, or --out-dir for a new run")
+    path = resolve_checkpoint(model_path)
+    tokenizer = Tokenizer.load(path)
+    model = load_pretrained(path)
+    trainer = GRPOTrainer(model, tokenizer, ProblemStream(train.seed, grpo.difficulty), train, grpo,
+                          model_files={"tokenizer.json": path / "tokenizer.json"})
+    if resume:
+        trainer.resume()
+    return trainer.fit(progress=progress)

@@ -353,6 +353,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     log.write(record)
                 postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                if "reward" in record:
+                    postfix["reward"] = f"{record['reward']:.3f}"
                 if "mfu" in record:
                     postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
                 bar.set_postfix(postfix)

@@ -69,6 +69,10 @@ def plot_run(out_dir: Path, baseline: float | None = None) -> list[Path]:
         plt.close(fig)
         written.append(plots / name)
 
+    if "reward" in train[0]:
+        _plot_rl(plt, train, steps, save)
+        return written
+
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["lm_loss"] for r in train], label="train (next token)", alpha=0.8)
     if any(r.get("mtp_loss") is not None for r in train):
@@ -101,3 +105,21 @@ def plot_run(out_dir: Path, baseline: float | None = None) -> list[Path]:
         ax.legend(fontsize=8)
         save(fig, "expert_load.png")
     return written
+
+
+def _plot_rl(plt, train: list[dict], steps: list[int], save) -> None:
+    """GRPO runs: reward, accuracy and format rate; completion length (R1-Zero's "length grows" curve)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("reward", "reward (total)"), ("accuracy", "accuracy"), ("format_rate", "format rate")):
+        ax.plot(steps, [r[key] for r in train], label=label, alpha=0.85)
+    ax.set(xlabel="step", title="GRPO rewards on training prompts")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, "reward.png")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r["length_mean"] for r in train], label="mean")
+    ax.plot(steps, [r["length_max"] for r in train], label="max", alpha=0.5)
+    ax.set(xlabel="step", ylabel="tokens", title="completion length")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, "length.png")
