@@ -196,7 +196,7 @@ class GRPOTrainer(Trainer):
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_value = float(loss.detach())
-                entropy = float((ent * mask).sum() / mask.sum().clamp(min=1))
+                entropy = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
         self.step += 1
         lengths = [len(o.tokens) for o in outs]
         elapsed = time.perf_counter() - start
