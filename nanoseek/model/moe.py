@@ -10,6 +10,7 @@ balance loss as a complement. No token is ever dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -120,6 +121,23 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
     return (f * probs.mean(dim=1)).sum(dim=1).mean()
 
 
+def run_local_experts(experts: RoutedExperts, tokens: torch.Tensor, route: Routing) -> torch.Tensor:
+    """The default dispatch: every routed expert lives here. tokens (T, H) -> weighted expert outputs (T, H)."""
+    top_k = route.indices.shape[-1]
+    # Dispatch: sort the (token, expert) pairs by expert so that each expert's rows are contiguous.
+    flat = route.indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=experts.gate_up_proj.shape[0])
+    source = order // top_k
+    y = experts(tokens[source], counts.cumsum(0).to(torch.int32))
+    # Combine: weight each expert output and sum back into its token's row.
+    y = y * route.weights.flatten()[order].unsqueeze(-1)
+    return torch.zeros_like(tokens).index_add_(0, source, y.to(tokens.dtype))
+
+
+Dispatch = Callable[[RoutedExperts, torch.Tensor, Routing], torch.Tensor]
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -128,22 +146,17 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(config)
         self.shared_experts = (FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts else None)
+        # How routed tokens reach their experts: here, or (nanoseek.parallel.expert) over all-to-all to the
+        # expert-parallel ranks that hold them.
+        self.dispatch: Dispatch = run_local_experts
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, S, hidden) -> output, tokens per expert (n_experts,), sequence-wise balance loss."""
         batch, _, hidden = x.shape
         tokens = x.reshape(-1, hidden)
         route = self.gate(tokens)
-        top_k = route.indices.shape[-1]
-        # Dispatch: sort the (token, expert) pairs by expert so that each expert's rows are contiguous.
-        flat = route.indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.config.n_routed_experts)
-        source = order // top_k
-        y = self.experts(tokens[source], counts.cumsum(0).to(torch.int32))
-        # Combine: weight each expert output and sum back into its token's row.
-        y = y * route.weights.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(tokens).index_add_(0, source, y.to(tokens.dtype))
+        counts = torch.bincount(route.indices.flatten(), minlength=self.config.n_routed_experts)
+        out = self.dispatch(self.experts, tokens, route)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         balance = (sequence_balance_loss(route.scores, route.indices, batch) if self.training

@@ -204,23 +204,24 @@ class Trainer:
             group["lr"] = lr
         n_seq = batch_size_at(self.step, cfg)
         inputs, targets = self.data.next_batch(n_seq)
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        n_tokens = int((targets != -100).sum())
+        n_tokens = int((targets != -100).sum())  # of the whole step (all data-parallel ranks)
+        inputs, targets = self.local_batch(inputs.to(self.device), targets.to(self.device))
         mtp_weight = mtp_weight_at(self.step, cfg)
         totals: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         counts = None
-        for lo in range(0, n_seq, cfg.micro_batch_size):
+        for lo in range(0, len(inputs), cfg.micro_batch_size):
             x, y = inputs[lo:lo + cfg.micro_batch_size], targets[lo:lo + cfg.micro_batch_size]
             share = int((y != -100).sum()) / max(1, n_tokens)  # token-weighted mean over micro-batches
             with self.autocast or torch.autocast("cpu", enabled=False):
                 out = model.compute_loss(x, y, mtp_weight=mtp_weight, balance_alpha=self.aux_alpha)
-            (out.loss * share).backward()
+            self.backward(out.loss * share, last=lo + cfg.micro_batch_size >= len(inputs))
             for key in totals:
                 value = getattr(out, key)
                 totals[key] += 0.0 if value is None else float(value.detach()) * share
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        totals, counts = self.reduce_step(totals, counts)
+        grad_norm = self.clip_gradients()
         finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -251,6 +252,23 @@ class Trainer:
                                 f"(up to step {self.step}); the optimizer skipped them and the run stops here. "
                                 f"Lower the learning rate (now {lr:.2e}) or check the data.")
         return record
+
+    # ------------------------------------------------------------------ what a parallel trainer overrides
+    def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the step's global batch (all of them on one process)."""
+        return inputs, targets
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's weighted loss; `last`: the step's final micro-batch."""
+        loss.backward()
+
+    def reduce_step(self, totals: dict[str, float], counts: torch.Tensor | None):
+        """Sum the step's loss totals and tokens per expert over data-parallel ranks (nothing to do on one)."""
+        return totals, counts
+
+    def clip_gradients(self) -> float:
+        """Clip to cfg.grad_clip by the global norm; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
 
     @torch.no_grad()
     def _update_ema(self) -> None:
