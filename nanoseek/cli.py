@@ -43,6 +43,15 @@ def info(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def plan(args: argparse.Namespace) -> None:
+    from nanoseek.parallel.plan import Cluster, PlanLayout, Workload, format_plan
+    from nanoseek.parallel.plan import plan as run
+
+    config = ModelConfig.load(args.config) if args.config else get_preset(args.preset)
+    print(f"model {args.config or args.preset}")
+    print(format_plan(run(config, _from_args(Cluster, args), _from_args(PlanLayout, args), _from_args(Workload, args))))
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
                            defaults=None) -> None:
     """One --option per field of a config dataclass, typed and defaulted from the field (one source of truth),
@@ -203,6 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--preset", default="small", choices=list(PRESETS))
     src.add_argument("--config", help="a config.json or a checkpoint directory")
     p.set_defaults(func=info)
+
+    from nanoseek.parallel.plan import Cluster, PlanLayout, Workload
+
+    p = sub.add_parser("plan", help="plan a cluster run on paper: memory per GPU, pipeline bubbles, all-to-all "
+                       "traffic, GPU-hours per trillion tokens", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="v3-671b", choices=list(PRESETS))
+    src.add_argument("--config", help="a config.json or a checkpoint directory")
+    _add_dataclass_options(p, Cluster)
+    _add_dataclass_options(p, PlanLayout)
+    _add_dataclass_options(p, Workload)
+    p.set_defaults(func=plan)
 
     p = sub.add_parser("pretrain", help="pretrain a model (no arguments: `small` on the built-in corpus)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
