@@ -29,6 +29,7 @@ from nanoseek.config import ConfigError
 from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.fp8 import convert_to_fp8_training
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.params import flops_per_token
 from nanoseek.model.transformer import Block
@@ -69,6 +70,8 @@ class TrainConfig:
     mtp_weight_late: float = 0.1  # ... dropped to this after mtp_switch of the run (V3: 0.3 then 0.1)
     mtp_switch: float = 0.7
     recompute: str = "none"  # "none", "selective" (RMSNorm + MLA up-projections, as V3), "full" (per block)
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32", or "fp8":
+                             # DeepSeek-V3's FP8 GEMMs (nanoseek/model/fp8.py), everything else as "auto"
     ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights on the CPU
     eval_every: int = 100
     eval_batches: int = 8
@@ -86,6 +89,7 @@ class TrainConfig:
                 raise ConfigError(f"invalid training option '{name}' = {getattr(self, name)!r}: {why}")
 
         need(self.recompute in ("none", "selective", "full"), "recompute", "must be 'none', 'selective' or 'full'")
+        need(self.precision in ("auto", "bf16", "fp32", "fp8"), "precision", "must be 'auto', 'bf16', 'fp32' or 'fp8'")
         for name in ("max_steps", "seq_len", "batch_size", "micro_batch_size"):
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.lr > 0, "lr", "must be > 0")
@@ -179,7 +183,10 @@ class Trainer:
         self.tokens = 0
         self.bad_steps = 0
         self.stop_signal: int | None = None
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        bf16 = cfg.precision == "bf16" or (cfg.precision in ("auto", "fp8") and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else None
+        if cfg.precision == "fp8":
+            convert_to_fp8_training(self.model)  # before recomputation wraps any forward
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
