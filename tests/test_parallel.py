@@ -49,7 +49,7 @@ class RandomTokens:
 
 
 def train_config(out_dir: str) -> TrainConfig:
-    return TrainConfig(out_dir=out_dir, max_steps=STEPS, seq_len=16, batch_size=8, micro_batch_size=2, lr=1e-2,
+    return TrainConfig(out_dir=out_dir, max_steps=STEPS, seq_len=16, batch_size=8, micro_batch_size=1, lr=1e-2,
                        warmup_steps=1, device="cpu", tensorboard=False, save_every=0, eval_every=0)
 
 
@@ -132,8 +132,8 @@ def spawn(world: int, layouts: list[Layout], tmp) -> dict[str, float]:
 free_port_cache: dict[int, int] = {}
 
 LAYOUTS = {
-    2: [Layout(dp=2), Layout(ep=2)],
-    4: [Layout(dp=4), Layout(ep=4), Layout(dp=2, ep=2)],
+    2: [Layout(dp=2), Layout(ep=2), Layout(pp=2)],
+    4: [Layout(dp=4), Layout(ep=4), Layout(dp=2, ep=2), Layout(pp=2, ep=2), Layout(pp=2, dp=2)],
 }
 
 
@@ -149,7 +149,7 @@ def test_parallel_training_equals_single_process(world_results):
     assert set(results) == {str(layout) for layout in LAYOUTS[world]}
     for name, diff in results.items():
         print(f"{world} ranks, {name}: max |difference| from single-process = {diff:.2e}")
-        assert diff < 5e-4, name  # float32 noise, through 3 AdamW steps at lr 1e-2 (a bug moves weights ~lr)
+        assert diff < 1e-3, name  # float32 noise through 3 AdamW steps at lr 1e-2; a wrong gradient moves weights ~lr
 
 
 def test_bad_layouts_are_named():

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import math
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -17,7 +20,9 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.parallel.data import GradSync, ZeroAdamW, clip_grad_norm
 from nanoseek.parallel.expert import shard_experts
 from nanoseek.parallel.mesh import LayoutError, ParallelContext
-from nanoseek.train.loop import BatchSource, TrainConfig, Trainer, TrainingError
+from nanoseek.parallel.pipeline import MicroBatch, Pipeline
+from nanoseek.train.loop import (BatchSource, TrainConfig, Trainer, TrainingError, batch_size_at, learning_rate,
+                                 max_violation, mtp_weight_at)
 
 
 class ParallelTrainer(Trainer):
@@ -27,12 +32,12 @@ class ParallelTrainer(Trainer):
         """`model` holds the full initial weights on every rank (the same seed); this rank keeps its part."""
         if cfg.ema_decay > 0:
             raise TrainingError("ema_decay > 0 is not supported with parallelism (the EMA would be sharded too)")
-        if ctx.layout.pp > 1:
-            raise LayoutError("pipeline parallelism: use nanoseek.parallel.pipeline")
         self.ctx = ctx
         self.is_main = ctx.is_main
+        model.to(ctx.device)
         if ctx.layout.ep > 1:
             shard_experts(model, ctx.ep_group)
+        self.pipeline = Pipeline(model, ctx, cfg.micro_batch_size, cfg.seq_len) if ctx.layout.pp > 1 else None
         super().__init__(model, data, cfg, heldout, model_files)
         self.optimizer = ZeroAdamW(self.model, ctx, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.grad_sync = GradSync(self.model, ctx)
@@ -60,3 +65,56 @@ class ParallelTrainer(Trainer):
 
     def clip_gradients(self) -> float:
         return clip_grad_norm(self.model, self.ctx, self.cfg.grad_clip)
+
+    # ------------------------------------------------------------------ pipeline parallel
+    def train_step(self) -> dict:
+        if self.pipeline is None:
+            return super().train_step()
+        cfg, ctx = self.cfg, self.ctx
+        self.model.train()
+        start = time.perf_counter()
+        lr = learning_rate(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_seq = batch_size_at(self.step, cfg)
+        inputs, targets = self.data.next_batch(n_seq)
+        n_tokens = int((targets != -100).sum())
+        inputs, targets = self.local_batch(inputs.to(self.device), targets.to(self.device))
+        mb = cfg.micro_batch_size
+        micro = [MicroBatch(inputs[i:i + mb], targets[i:i + mb], int((targets[i:i + mb] != -100).sum()) / max(1, n_tokens))
+                 for i in range(0, len(inputs), mb)]
+        mtp_weight = mtp_weight_at(self.step, cfg)
+        totals, counts = self.pipeline.step(micro, mtp_weight, self.aux_alpha)
+        self.grad_sync.reduce_all()  # the schedule's backward runs in pieces: reduce once it is done
+        dist.all_reduce(totals)  # lm and MTP from the last chunk, balance from every chunk, over all data ranks
+        routers = self.pipeline.routers()
+        loads = torch.stack([counts[i] for i in sorted(routers)]) if routers else None
+        if loads is not None:
+            dist.all_reduce(loads, group=ctx.data_group)
+        grad_norm = self.clip_gradients()
+        lm, mtp, balance = totals.tolist()
+        use_mtp = mtp_weight > 0 and self.model.config.num_nextn_predict_layers > 0
+        loss = lm + (mtp_weight * mtp if use_mtp else 0.0) + self.aux_alpha * balance
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            if loads is not None and self.bias_speed > 0:
+                for layer_id, load in zip(sorted(routers), loads):
+                    routers[layer_id].update_bias(load, self.bias_speed)
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        self.tokens += n_tokens
+        record = {"kind": "train", "step": self.step, "tokens": self.tokens, "lr": lr, "grad_norm": grad_norm,
+                  "batch_size": n_seq, "mtp_weight": mtp_weight, "step_time": elapsed,
+                  "tokens_per_s": n_tokens / elapsed, "skipped": not finite, "loss": loss, "lm_loss": lm,
+                  "mtp_loss": mtp if use_mtp else None, "balance_loss": balance,
+                  "pipeline_time": self.pipeline.last_step_time}
+        if loads is not None:
+            record["max_violation"] = max_violation(loads)
+        if self.bad_steps >= cfg.max_bad_steps:
+            raise TrainingError(f"the loss or gradient was non-finite for {self.bad_steps} consecutive steps")
+        return record
