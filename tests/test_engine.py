@@ -62,6 +62,17 @@ def test_greedy_matches_the_uncached_oracle_and_batching_changes_nothing(model):
         assert b.finish_reason == "length"
 
 
+@pytest.mark.parametrize("token_budget", [8, 8192])  # 8: one prompt per forward; 8192: all in one padded forward
+def test_batched_prefill_gives_each_prompt_its_own_last_logits(model, token_budget):
+    prompts = [[5, 9, 2], [7] * 9, [300, 200, 100, 50]]
+    engine = Engine(model, max_batch=3, max_len=32)
+    logits = engine._prefill([2, 0, 1], prompts, token_budget=token_budget)
+    with torch.no_grad():
+        expected = torch.stack([model(torch.tensor([p]))[0, -1] for p in prompts])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    assert engine.cache.lengths.tolist() == [9, 4, 3]
+
+
 def test_sampling_is_seeded_per_request(model):
     prompts = [[5, 9, 2], [7, 7, 7, 7]]
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)

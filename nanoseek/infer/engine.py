@@ -57,13 +57,17 @@ class Engine:
         free = list(range(self.cache.lengths.shape[0]))[::-1]
         running: dict[int, int] = {}  # slot -> request
         while waiting or running:
+            admitted = {}  # slot -> request
             while waiting and free:
-                request, slot = waiting.popleft(), free.pop()
-                logits = self._prefill(slot, prompts[request])
-                if not self._accept(results[request], self._sample(logits, params, generators[request]), params):
-                    running[slot] = request
-                else:
-                    free.append(slot)
+                admitted[free.pop()] = waiting.popleft()
+            if admitted:
+                logits = self._prefill(list(admitted), [prompts[r] for r in admitted.values()])
+                for row, (slot, request) in enumerate(admitted.items()):
+                    if not self._accept(results[request], self._sample(logits[row], params, generators[request]),
+                                        params):
+                        running[slot] = request
+                    else:
+                        free.append(slot)
             if not running:
                 continue
             slots = sorted(running)
@@ -88,7 +92,7 @@ class Engine:
         self._check([prompt], params)
         generator = torch.Generator(device=self.device).manual_seed(params.seed)
         completion = Completion(list(prompt))
-        logits = self._prefill(0, prompt)
+        logits = self._prefill([0], [prompt])[0]
         while True:
             token = self._sample(logits, params, generator)
             done = self._accept(completion, token, params)
@@ -167,12 +171,30 @@ class Engine:
                 raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens {params.max_new_tokens} "
                                  f"exceeds the cache's {self.cache.max_len} tokens per sequence")
 
-    def _prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
-        self.cache.reset(slot)
-        self.cache.bind(torch.tensor([slot], device=self.device))
-        logits = self.model(torch.tensor([prompt], device=self.device), cache=self.cache)[0, -1].float()
-        self.cache.advance(len(prompt))
-        return logits
+    def _prefill(self, slots: list[int], prompts: list[list[int]], token_budget: int = 8192) -> torch.Tensor:
+        """Prompts into their slots, right-padded into few forwards of at most token_budget tokens -> (B, V)
+        logits after each prompt's last token. A pad position's cache entry lies past its slot's length, so it
+        is masked and later overwritten."""
+        logits = []
+        start = 0
+        while start < len(prompts):
+            end, width = start, 0
+            while end < len(prompts) and (end == start or max(width, len(prompts[end])) * (end + 1 - start)
+                                          <= token_budget):
+                width = max(width, len(prompts[end]))
+                end += 1
+            batch = torch.zeros(end - start, width, dtype=torch.long)
+            for row, prompt in enumerate(prompts[start:end]):
+                batch[row, :len(prompt)] = torch.tensor(prompt)
+            lengths = torch.tensor([len(p) for p in prompts[start:end]], device=self.device)
+            active = torch.tensor(slots[start:end], device=self.device)
+            self.cache.lengths[active] = 0
+            self.cache.bind(active)
+            out = self.model(batch.to(self.device), cache=self.cache)
+            logits.append(out[torch.arange(end - start, device=self.device), lengths - 1].float())
+            self.cache.advance(lengths)
+            start = end
+        return torch.cat(logits)
 
     def _accept(self, completion: Completion, token: int, params: SamplingParams) -> bool:
         """Append the token; True when the request is finished."""
