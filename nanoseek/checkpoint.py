@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from nanoseek.atomic import replace_directory
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.model.fp8 import BLOCK, dequantize_blockwise
+from nanoseek.model.fp8 import BLOCK, dequantize_blockwise, quantize_blockwise
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import DeepSeekV3
 
@@ -39,6 +39,11 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")  # older remote-code checkpoints
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
             "shared_head.norm.weight": "norm.weight"}
 _MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+# What an FP8 export quantizes: the linear weights the FP8 recipe trains in FP8 (attention, FFN, shared and routed
+# experts, in the main and the MTP blocks). Embedding, head, norms, router and eh_proj stay as they are.
+_FP8_EXPORTED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\..*_proj\.weight$")
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK],
+                           "activation_scheme": "dynamic"}  # as in DeepSeek-V3's released config.json
 
 
 class CheckpointError(NanoseekError, ValueError):
@@ -271,15 +276,38 @@ def to_hf_state_dict(model: DeepSeekV3) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"{prefix}.shared_head.head.weight", state.get("lm_head.weight", state["embed_tokens.weight"])
 
 
-def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json and safetensors shards, atomically: a crash leaves the old directory (if any) intact."""
+def _quantized(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    ragged = []
+    for name, tensor in tensors:
+        if not _FP8_EXPORTED.match(name):
+            yield name, tensor
+            continue
+        weight, scale_inv = quantize_blockwise(tensor.detach())
+        yield name, weight
+        yield name.removesuffix("weight") + "weight_scale_inv", scale_inv
+        if any(d > BLOCK and d % BLOCK for d in tensor.shape):
+            ragged.append(f"{name} {tuple(tensor.shape)}")
+    if ragged:
+        # Its CPU dequantization takes the block size as rows // scale rows, not 128, for a partial last block.
+        warnings.warn(f"{len(ragged)} FP8 weights have a dimension above 128 that is not a multiple of 128, e.g. "
+                      f"{ragged[0]}: nanoseek reads them right, transformers 5.x dequantizes them wrongly",
+                      stacklevel=3)
+
+
+def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: int = 4 << 30,
+                    fp8: bool = False) -> None:
+    """Write config.json and safetensors shards, atomically: a crash leaves the old directory (if any) intact.
+
+    fp8: DeepSeek-V3's FP8 format: the linear weights of the blocks in float8_e4m3fn with a float32
+    weight_scale_inv per 128x128 block, and config.json's quantization_config (see _FP8_EXPORTED).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for name, tensor in to_hf_state_dict(model):
+        for name, tensor in _quantized(to_hf_state_dict(model)) if fp8 else to_hf_state_dict(model):
             nbytes = tensor.numel() * tensor.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})
@@ -297,6 +325,8 @@ def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: i
                                                           "weight_map": weight_map}, indent=2))
         hf_config = model.config.to_hf_dict()
         hf_config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        if fp8:
+            hf_config["quantization_config"] = FP8_QUANTIZATION_CONFIG
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         replace_directory(staging, directory)
     except BaseException:
