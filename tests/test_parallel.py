@@ -89,7 +89,28 @@ def run_layout(layout: Layout, tmp: str, ref) -> float:
     return compare(trainer.model, records, *ref, ctx)
 
 
-def worker(rank: int, world: int, port: int, layouts: list[Layout], tmp: str, results) -> None:
+SAVE_LAYOUT, RESUME_LAYOUT = Layout(pp=2, ep=2), Layout(ep=2)  # 4 ranks write, 2 ranks (other EP size) read
+
+
+def save_then_resume(world: int, run_dir: str, ref) -> float:
+    """4 ranks: 2 steps, then a distributed checkpoint. 2 ranks: resume it, 1 more step, compare to the oracle."""
+    from nanoseek.parallel.trainer import ParallelTrainer
+
+    layout = SAVE_LAYOUT if world == 4 else RESUME_LAYOUT
+    ctx = init_parallel(layout, model_config(), device="cpu")
+    trainer = ParallelTrainer(fresh_model(), RandomTokens(512, 16), train_config(run_dir), ctx)
+    if world == 4:
+        for _ in range(STEPS - 1):
+            trainer.train_step()
+        trainer.save()
+        return 0.0
+    assert trainer.resume() and trainer.step == STEPS - 1
+    last = trainer.train_step()
+    ref_records, ref_state = ref
+    return compare(trainer.model, [last], ref_records[-1:], ref_state, ctx)
+
+
+def worker(rank: int, world: int, port: int, layouts: list[Layout], tmp: str, run_dir: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -97,6 +118,7 @@ def worker(rank: int, world: int, port: int, layouts: list[Layout], tmp: str, re
         ref = oracle(os.path.join(tmp, f"oracle{rank}"))
         for layout in layouts:
             results.put((rank, str(layout), run_layout(layout, os.path.join(tmp, str(rank)), ref)))
+        results.put((rank, "checkpoint", save_then_resume(world, run_dir, ref)))
     except Exception:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -109,15 +131,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, layouts: list[Layout], tmp) -> dict[str, float]:
+def spawn(world: int, layouts: list[Layout], tmp, run_dir) -> dict[str, float]:
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, world, free_port_cache[world], layouts, str(tmp), results))
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, layouts, str(tmp), str(run_dir), results))
              for r in range(world)]
     for p in procs:
         p.start()
     out: dict[str, float] = {}
-    for _ in range(world * len(layouts)):
+    for _ in range(world * (len(layouts) + 1)):
         rank, name, value = results.get(timeout=300)
         if name == "error":
             for p in procs:
@@ -129,24 +151,27 @@ def spawn(world: int, layouts: list[Layout], tmp) -> dict[str, float]:
     return out
 
 
-free_port_cache: dict[int, int] = {}
-
 LAYOUTS = {
     2: [Layout(dp=2), Layout(ep=2), Layout(pp=2)],
     4: [Layout(dp=4), Layout(ep=4), Layout(dp=2, ep=2), Layout(pp=2, ep=2), Layout(pp=2, dp=2)],
 }
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+@pytest.fixture(scope="module", params=[4, 2])  # 4 first: its checkpoint is what the 2 ranks resume
 def world_results(request, tmp_path_factory):
     world = request.param
-    free_port_cache[world] = free_port()
-    return world, spawn(world, LAYOUTS[world], tmp_path_factory.mktemp(f"world{world}"))
+    run_dir = tmp_path_factory.getbasetemp() / "dcp_run"
+    return world, spawn(world, LAYOUTS[world], tmp_path_factory.mktemp(f"world{world}"), run_dir)
 
 
 def test_parallel_training_equals_single_process(world_results):
     world, results = world_results
-    assert set(results) == {str(layout) for layout in LAYOUTS[world]}
+    assert set(results) == {str(layout) for layout in LAYOUTS[world]} | {"checkpoint"}
+    results = dict(results)
+    resumed = results.pop("checkpoint")
+    if world == 2:
+        print(f"written on 4 ranks ({SAVE_LAYOUT}), resumed on 2 ({RESUME_LAYOUT}): max |difference| = {resumed:.2e}")
+        assert resumed < 1e-3
     for name, diff in results.items():
         print(f"{world} ranks, {name}: max |difference| from single-process = {diff:.2e}")
         assert diff < 1e-3, name  # float32 noise through 3 AdamW steps at lr 1e-2; a wrong gradient moves weights ~lr

@@ -7,16 +7,18 @@ batch's tokens, so summed gradients are the single-process gradients of the same
 
 from __future__ import annotations
 
+import math
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
-
-import math
-import time
 
 import torch
 import torch.distributed as dist
 
+from nanoseek.atomic import write_text
 from nanoseek.model import DeepSeekV3
+from nanoseek.parallel import checkpoint
 from nanoseek.parallel.data import GradSync, ZeroAdamW, clip_grad_norm
 from nanoseek.parallel.expert import shard_experts
 from nanoseek.parallel.mesh import LayoutError, ParallelContext
@@ -65,6 +67,33 @@ class ParallelTrainer(Trainer):
 
     def clip_gradients(self) -> float:
         return clip_grad_norm(self.model, self.ctx, self.cfg.grad_clip)
+
+    # ------------------------------------------------------------------ distributed checkpoints
+    def save(self) -> Path:
+        """Collective. checkpoints/step_N is a DCP directory any layout can load; `latest` names the newest."""
+        root = self.checkpoint_dir
+        path = root / f"step_{self.step:06d}"
+        extra = {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict(),
+                 "layout": str(self.ctx.layout)}
+        checkpoint.save(path, self.model, self.optimizer, self.ctx, extra)
+        dist.barrier()
+        if self.is_main:  # the metadata file is written last: a directory named in `latest` is complete
+            write_text(root / "latest", path.name)
+            kept = sorted(p for p in root.glob("step_*") if p.is_dir())
+            for old in kept[:-self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        latest = self.checkpoint_dir / "latest"
+        if not latest.exists():
+            return False
+        extra = checkpoint.load(self.checkpoint_dir / latest.read_text().strip(), self.model, self.optimizer,
+                                self.ctx)
+        self.step, self.tokens = extra["step"], extra["tokens"]
+        self.data.load_state_dict(extra["data"])
+        return True
 
     # ------------------------------------------------------------------ pipeline parallel
     def train_step(self) -> dict:
