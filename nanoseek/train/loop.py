@@ -167,6 +167,8 @@ def max_violation(counts: torch.Tensor) -> list[float]:
 
 
 class Trainer:
+    is_main = True  # the process that logs and plots (rank 0 of a parallel run)
+
     def __init__(self, model: DeepSeekV3, data: BatchSource, cfg: TrainConfig,
                  heldout: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
                  model_files: dict[str, Path] | None = None):
@@ -368,14 +370,15 @@ class Trainer:
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.out_dir, resume_step=self.step, tensorboard=cfg.tensorboard)
+        log = MetricsLog(self.out_dir, resume_step=self.step, tensorboard=cfg.tensorboard) if self.is_main else None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (progress and self.is_main), unit="step",
+                   dynamic_ncols=True)
         last_eval = None
         try:
             while self.step < cfg.max_steps and self.stop_signal is None:
                 record = self.train_step()
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                     log.write(record)
                 postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
                 if "reward" in record:
@@ -386,7 +389,7 @@ class Trainer:
                 bar.update(1)
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     last_eval = self.evaluate()
-                    if last_eval is not None:
+                    if last_eval is not None and log:
                         log.write(last_eval)
                 if cfg.save_every and self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
                     self.save()
@@ -397,6 +400,7 @@ class Trainer:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            log.close()
-            plot_run(self.out_dir)
+            if log:
+                log.close()
+                plot_run(self.out_dir)
         return {"step": self.step, "tokens": self.tokens, "stopped": self.stop_signal, "heldout": last_eval}
