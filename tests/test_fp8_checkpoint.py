@@ -14,7 +14,7 @@ from conftest import randomize, tiny_config
 transformers = pytest.importorskip("transformers")
 
 # Every quantized dimension is <= 128 or a multiple of 128 (transformers' CPU dequantization needs it, see below).
-ALIGNED = dict(hidden_size=256, intermediate_size=384, moe_intermediate_size=128, q_lora_rank=128)
+ALIGNED = {"hidden_size": 256, "intermediate_size": 384, "moe_intermediate_size": 128, "q_lora_rank": 128}
 QUANTIZED = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -23,7 +23,7 @@ def exported(tmp_path, **changes):
     randomize(model, seed=4, std=0.05)
     save_pretrained(model, tmp_path, fp8=True)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
     return model, tensors
 
 
@@ -52,7 +52,7 @@ def test_fp8_export_layout_and_config(tmp_path):
 
 @pytest.mark.parametrize("shape", ["aligned", "ragged"])
 def test_nanoseek_reads_its_fp8_export_within_the_e4m3_bound(tmp_path, shape):
-    changes = ALIGNED if shape == "aligned" else dict(hidden_size=160, q_lora_rank=144)
+    changes = ALIGNED if shape == "aligned" else {"hidden_size": 160, "q_lora_rank": 144}
     if shape == "ragged":
         with pytest.warns(UserWarning, match="transformers 5.x dequantizes them wrongly"):
             model, tensors = exported(tmp_path, **changes)
@@ -63,7 +63,7 @@ def test_nanoseek_reads_its_fp8_export_within_the_e4m3_bound(tmp_path, shape):
     assert original.keys() == back.keys()
     n_quantized = 0
     for name, exact in original.items():
-        if not (name.endswith("_proj") or name.endswith("_proj.weight")) or "eh_proj" in name:
+        if not name.endswith(("_proj", "_proj.weight")) or "eh_proj" in name:
             torch.testing.assert_close(back[name], exact, rtol=0, atol=0)
             continue
         n_quantized += 1

@@ -174,17 +174,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, pow2_scales: bool = False)
     return _Fp8Linear.apply(x, weight, pow2_scales)
 
 
-def _pad_groups(x: torch.Tensor, offsets: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor]:
-    """Rows of x (M, D) grouped by offsets -> (G, C, D) with each group's rows from slot 0 and C a multiple of 128
-    (so that 128-row tiles never cross groups), and the (group, slot) of every row."""
+def _pad_groups(x: torch.Tensor, offsets: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Rows of x (M, D) grouped by offsets -> (G, C, D), each group's rows from slot 0, zeros after, C a multiple
+    of 128 (so that 128-row tiles never cross groups)."""
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
     groups = torch.repeat_interleave(torch.arange(n_groups, device=x.device), counts, output_size=x.shape[0])
     slots = torch.arange(x.shape[0], device=x.device) - (offsets.long() - counts)[groups]
     capacity = -(-int(counts.max()) // BLOCK) * BLOCK if x.shape[0] else 0
     padded = x.new_zeros(n_groups, capacity, x.shape[-1])
     padded[groups, slots] = x
-    return padded, groups, slots
+    return padded
 
 
 class _Fp8GroupedLinear(torch.autograd.Function):
@@ -210,8 +209,8 @@ class _Fp8GroupedLinear(torch.autograd.Function):
             w = Fp8Tensor(w_data, w_scale, WEIGHT_BLOCK).dequantize(compute)  # (G, N, K)
             dx = grouped_mm(quantize(dy, pow2_scales=pow2).dequantize(compute), w, offsets)  # (M, K)
             x = Fp8Tensor(x_data, x_scale, TILE).dequantize()
-            x_pad, _, _ = _pad_groups(x, offsets, w.shape[0])  # (G, C, K)
-            dy_pad, _, _ = _pad_groups(dy.float(), offsets, w.shape[0])  # (G, C, N)
+            x_pad = _pad_groups(x, offsets, w.shape[0])  # (G, C, K)
+            dy_pad = _pad_groups(dy.float(), offsets, w.shape[0])  # (G, C, N)
             x_t = quantize(x_pad.transpose(1, 2), pow2_scales=pow2).dequantize(compute)  # (G, K, C): 128x1 tiles
             dy_t = quantize(dy_pad.transpose(1, 2), pow2_scales=pow2).dequantize(compute)  # (G, N, C)
             dw = torch.bmm(dy_t.float(), x_t.float().transpose(1, 2))  # (G, N, K), fp32 accumulation
