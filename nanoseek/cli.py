@@ -104,6 +104,16 @@ def grpo(args: argparse.Namespace) -> None:
           f"finished {result['step']} steps; checkpoints in {args.out_dir}/checkpoints, plots in {args.out_dir}/plots")
 
 
+def pipeline(args: argparse.Namespace) -> None:
+    from nanoseek.pipeline import run_pipeline
+
+    report = run_pipeline(args.out_dir, resume=args.resume, eval_problems=args.problems)
+    before, after = report["base"]["overall"], report["r1_zero"]["overall"]
+    print(f"held-out pass@1 {100 * before['pass@1']:.1f}% -> {100 * after['pass@1']:.1f}%, format rate "
+          f"{100 * before['format']:.1f}% -> {100 * after['format']:.1f}%, {report['minutes']['total']:.1f} min; "
+          f"report: {args.out_dir}/report.md")
+
+
 def tokenizer_train(args: argparse.Namespace) -> None:
     from nanoseek.data.shards import read_documents
     from nanoseek.data.tokenizer import Tokenizer
@@ -224,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_dataclass_options(p, PlanLayout)
     _add_dataclass_options(p, Workload)
     p.set_defaults(func=plan)
+
+    p = sub.add_parser("pipeline", help="the whole embedded pipeline: pretrain -> evaluate -> R1-Zero -> evaluate, "
+                       "with a before/after report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out-dir", default="runs", help="one directory per stage under it; finished stages are reused")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its latest checkpoint")
+    p.add_argument("--problems", type=int, default=30, help="distinct held-out problems per task in the evaluations")
+    p.set_defaults(func=pipeline)
 
     p = sub.add_parser("pretrain", help="pretrain a model (no arguments: `small` on the built-in corpus)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

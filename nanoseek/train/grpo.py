@@ -10,6 +10,7 @@ DAPO's clip-higher) plus beta times the k3 estimate of KL(policy || reference), 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
 from nanoseek.train.loop import TrainConfig, Trainer, TrainingError, learning_rate
+from nanoseek.train.metrics import read_metrics
 from nanoseek.train.rewards import RewardSet, Sample, r1_zero_rewards
 
 AGGREGATIONS = ("sequence", "token", "constant")
@@ -199,12 +201,15 @@ class GRPOTrainer(Trainer):
                 entropy = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
         self.step += 1
         lengths = [len(o.tokens) for o in outs]
+        sample_tasks = [problems[i // g.group_size].task for i in range(len(outs))]
         elapsed = time.perf_counter() - start
         self.tokens += sum(lengths)
         record = {"kind": "train", "step": self.step, "lr": lr, "loss": loss_value,
                   "reward": float(rewards.mean()), "accuracy": _mean(s["accuracy"] for s in scores),
                   "format_rate": _mean(s["format"] for s in scores),
                   **{f"reward_{k}": _mean(s[k] for s in scores) for k in scores[0] if k != "total"},
+                  **{f"accuracy_{name}": _mean(s["accuracy"] for s, task in zip(scores, sample_tasks) if task == name)
+                     for name in dict.fromkeys(sample_tasks)},
                   "length_mean": _mean(lengths), "length_max": max(lengths), "groups_kept": int(keep.sum()),
                   "entropy": entropy, **stats, "generation_time": generated - start,
                   "update_time": elapsed - (generated - start), "step_time": elapsed,
@@ -238,4 +243,12 @@ def run_grpo(model_path: str | Path = "runs/pretrain", train: TrainConfig | None
                           model_files={"tokenizer.json": path / "tokenizer.json"})
     if resume:
         trainer.resume()
-    return trainer.fit(progress=progress)
+    started = time.perf_counter()
+    result = trainer.fit(progress=progress)
+    if result["stopped"] is None:
+        last = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"][-10:]
+        summary = {k: _mean(r[k] for r in last) for k in ("reward", "accuracy", "format_rate", "length_mean")}
+        (out / "report.json").write_text(json.dumps({
+            "base_model": str(path), "steps": result["step"], "minutes_this_run": (time.perf_counter() - started) / 60,
+            "last_10_steps": summary}, indent=2) + "\n")
+    return result

@@ -111,15 +111,22 @@ def _plot_rl(plt, train: list[dict], steps: list[int], save) -> None:
     """GRPO runs: reward, accuracy and format rate; completion length (R1-Zero's "length grows" curve)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("reward", "reward (total)"), ("accuracy", "accuracy"), ("format_rate", "format rate")):
-        ax.plot(steps, [r[key] for r in train], label=label, alpha=0.85)
+        values = [r[key] for r in train]
+        line, = ax.plot(steps, values, alpha=0.25)
+        ax.plot(steps, _moving_average(values), color=line.get_color(), label=f"{label}, mean of 10 steps")
     ax.set(xlabel="step", title="GRPO rewards on training prompts")
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, "reward.png")
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(steps, [r["length_mean"] for r in train], label="mean")
+    ax.plot(steps, _moving_average([r["length_mean"] for r in train]), label="mean (of 10 steps)")
     ax.plot(steps, [r["length_max"] for r in train], label="max", alpha=0.5)
     ax.set(xlabel="step", ylabel="tokens", title="completion length")
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, "length.png")
+
+
+def _moving_average(values: list[float], window: int = 10) -> list[float]:
+    """The mean of each value and the (up to) window - 1 before it."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]

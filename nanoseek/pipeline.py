@@ -1,0 +1,132 @@
+"""`nanoseek pipeline`: the embedded R1-Zero pipeline in one command.
+
+Pretrain the base model on the built-in corpus, evaluate it, run R1-Zero (GRPO with rule-based rewards) from
+it, evaluate the result the same way, and write a before/after report with plots. Each stage writes into its
+own directory under out_dir; a finished stage is reused when the pipeline runs again, an interrupted one is
+continued with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.errors import NanoseekError
+from nanoseek.eval import EvalConfig, evaluate, format_table, heldout_problems
+from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, run_grpo
+from nanoseek.train.loop import TrainConfig
+from nanoseek.train.pretrain import DataConfig, pretrain
+
+
+def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_problems: int = 30,
+                 eval_config: EvalConfig | None = None, data: DataConfig | None = None,
+                 pretrain_train: TrainConfig | None = None, grpo: GRPOConfig | None = None,
+                 grpo_train: TrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Every argument has the stages' own defaults (`nanoseek pretrain`, `nanoseek grpo`, `nanoseek eval`);
+    out_dir/<stage> replaces each stage's output directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_config = eval_config or EvalConfig()
+    timings = out / "minutes.json"  # each stage's wall time, kept across interrupted runs
+    minutes: dict[str, float] = json.loads(timings.read_text()) if timings.exists() else {}
+
+    def stage(name: str, done: Path, run) -> None:
+        if done.exists():
+            print(f"[{name}] reusing {done.parent if done.suffix else done} (finished earlier)")
+            return
+        print(f"[{name}] ...")
+        started = time.perf_counter()
+        run()
+        minutes[name] = (time.perf_counter() - started) / 60
+        timings.write_text(json.dumps(minutes, indent=2) + "\n")
+
+    def evaluation(model_dir: Path, report: Path) -> None:
+        path = resolve_checkpoint(model_dir)
+        result = evaluate(load_pretrained(path), Tokenizer.load(path),
+                          heldout_problems(eval_problems, seed=eval_config.seed), eval_config)
+        report.write_text(json.dumps(result, indent=2) + "\n")
+        print(format_table(result))
+
+    base, rl = out / "pretrain", out / "grpo"
+    pretrain_train = replace(pretrain_train or TrainConfig(), out_dir=str(base))
+    grpo_train = replace(grpo_train or GRPO_TRAIN_DEFAULTS, out_dir=str(rl))
+    # The pretraining's own greedy check is skipped: the evaluation stage measures the base model fully.
+    data = replace(data or DataConfig(), eval_problems=0)
+    stage("pretrain", base / "report.json",
+          lambda: _finished(pretrain(data, pretrain_train, resume=resume, progress=progress)))
+    stage("evaluate base", out / "eval-base.json", lambda: evaluation(base, out / "eval-base.json"))
+    stage("R1-Zero", rl / "report.json",
+          lambda: _finished(run_grpo(base, grpo_train, grpo, resume=resume, progress=progress)))
+    stage("evaluate R1-Zero", out / "eval-grpo.json", lambda: evaluation(rl, out / "eval-grpo.json"))
+
+    before = json.loads((out / "eval-base.json").read_text())
+    after = json.loads((out / "eval-grpo.json").read_text())
+    report = {"base": before, "r1_zero": after, "minutes": {**minutes, "total": sum(minutes.values())}}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot_pass_at_1(before, after, out / "pass_at_1.png")
+    (out / "report.md").write_text(_report_markdown(report))
+    return report
+
+
+class PipelineStopped(NanoseekError):
+    """A stage was stopped by a signal after saving; the pipeline ends there."""
+
+
+def _finished(result: dict[str, Any]) -> None:
+    if result.get("stopped") is not None:
+        raise PipelineStopped(f"stopped by signal {result['stopped']} at step {result['step']}; "
+                              "continue with: nanoseek pipeline --resume")
+
+
+def _plot_pass_at_1(before: dict[str, Any], after: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*before["per_task"], "overall"]
+    values = [[100 * r["per_task"][n]["pass@1"] if n != "overall" else 100 * r["overall"]["pass@1"] for n in names]
+              for r in (before, after)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.4
+    for i, (label, row) in enumerate(zip(("base", "after R1-Zero"), values, strict=True)):
+        ax.bar([x + (i - 0.5) * width for x in range(len(names))], row, width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set(ylabel="pass@1 (%)", title=f"held-out pass@1 (k={before['k']}, T={before['temperature']})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    before, after = report["base"], report["r1_zero"]
+    metrics = ("pass@1", "cons@k", "greedy", "format")
+    rows = []
+    for name in [*before["per_task"], "overall"]:
+        b = before["per_task"][name] if name != "overall" else before["overall"]
+        a = after["per_task"][name] if name != "overall" else after["overall"]
+        rows.append(f"| {name} | " + " | ".join(f"{100 * b[m]:.1f}% -> {100 * a[m]:.1f}%" for m in metrics) + " |")
+    times = ", ".join(f"{name} {m:.1f} min" for name, m in report["minutes"].items())
+    return f"""# R1-Zero pipeline report
+
+Base model pretrained on the built-in corpus, then R1-Zero (GRPO, accuracy + format rewards) from it.
+Held-out problems: {before['problems']} (easy level), k = {before['k']} samples at temperature
+{before['temperature']}, top-p {before['top_p']}; greedy is one temperature-0 completion.
+Stages: {times}.
+
+| task | {' | '.join(m.replace('cons@k', f"cons@{before['k']}") for m in metrics)} |
+|---|{'---|' * len(metrics)}
+{chr(10).join(rows)}
+
+![pass@1 before and after](pass_at_1.png)
+![GRPO rewards](grpo/plots/reward.png)
+![completion length](grpo/plots/length.png)
+![pretraining loss](pretrain/plots/loss.png)
+"""
