@@ -119,7 +119,7 @@ def worker(rank: int, world: int, port: int, layouts: list[Layout], tmp: str, ru
         for layout in layouts:
             results.put((rank, str(layout), run_layout(layout, os.path.join(tmp, str(rank)), ref)))
         results.put((rank, "checkpoint", save_then_resume(world, run_dir, ref)))
-    except Exception:
+    except Exception:  # noqa: BLE001 (any failure is reported to the parent)
         results.put((rank, "error", traceback.format_exc()))
     finally:
         dist.destroy_process_group()

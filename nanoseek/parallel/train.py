@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_dataclass_options(parser, DataConfig)
     _add_dataclass_options(parser, TrainConfig)
     args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     layout = Layout(pp=args.pp, ep=args.ep, dp=max(1, world // (args.pp * args.ep)))
     try:
         run(_from_args(DataConfig, args), _from_args(TrainConfig, args), layout, resume=args.resume)

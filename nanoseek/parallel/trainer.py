@@ -23,8 +23,16 @@ from nanoseek.parallel.data import GradSync, ZeroAdamW, clip_grad_norm
 from nanoseek.parallel.expert import shard_experts
 from nanoseek.parallel.mesh import LayoutError, ParallelContext
 from nanoseek.parallel.pipeline import MicroBatch, Pipeline
-from nanoseek.train.loop import (BatchSource, TrainConfig, Trainer, TrainingError, batch_size_at, learning_rate,
-                                 max_violation, mtp_weight_at)
+from nanoseek.train.loop import (
+    BatchSource,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    batch_size_at,
+    learning_rate,
+    max_violation,
+    mtp_weight_at,
+)
 
 
 class ParallelTrainer(Trainer):
