@@ -121,13 +121,20 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
     return (f * probs.mean(dim=1)).sum(dim=1).mean()
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert (n_experts,) int64. A scatter into a fixed size rather than bincount, whose CUDA
+    kernel reads the maximum back to the host: this keeps the MoE free of host syncs (CUDA graphs, overlap)."""
+    return torch.zeros(n_experts, dtype=torch.long, device=indices.device).scatter_add_(
+        0, indices, torch.ones_like(indices, dtype=torch.long))
+
+
 def run_local_experts(experts: RoutedExperts, tokens: torch.Tensor, route: Routing) -> torch.Tensor:
     """The default dispatch: every routed expert lives here. tokens (T, H) -> weighted expert outputs (T, H)."""
     top_k = route.indices.shape[-1]
     # Dispatch: sort the (token, expert) pairs by expert so that each expert's rows are contiguous.
     flat = route.indices.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=experts.gate_up_proj.shape[0])
+    counts = expert_counts(flat, experts.gate_up_proj.shape[0])
     source = order // top_k
     y = experts(tokens[source], counts.cumsum(0).to(torch.int32))
     # Combine: weight each expert output and sum back into its token's row.
@@ -155,7 +162,7 @@ class MoE(nn.Module):
         batch, _, hidden = x.shape
         tokens = x.reshape(-1, hidden)
         route = self.gate(tokens)
-        counts = torch.bincount(route.indices.flatten(), minlength=self.config.n_routed_experts)
+        counts = expert_counts(route.indices.flatten(), self.config.n_routed_experts)
         out = self.dispatch(self.experts, tokens, route)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
