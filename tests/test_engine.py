@@ -51,11 +51,13 @@ def test_cache_holds_only_the_latent_and_rope_key(model):
     assert engine.cache.bytes_reserved == 3 * 64 * 120 * 4
 
 
-def test_greedy_matches_the_uncached_oracle_and_batching_changes_nothing(model):
-    prompts = [[5, 9, 2], [7] * 9, [1, 2, 3, 4, 5], [300, 200, 100, 50, 25, 12, 6]]
+@pytest.mark.parametrize("static_decode", [False, True])  # True: the padded fixed shapes CUDA graphs replay
+def test_greedy_matches_the_uncached_oracle_and_batching_changes_nothing(model, static_decode):
+    prompts = [[5, 9, 2], [7] * 9, [1, 2, 3, 4, 5], [300, 200, 100, 50, 25, 12, 6], [42] * 4]
     params = SamplingParams(max_new_tokens=10)
-    batched = Engine(model, max_batch=8, max_len=64).generate(prompts, params)
-    narrow = Engine(model, max_batch=2, max_len=64).generate(prompts, params)  # continuous batching: slots reused
+    batched = Engine(model, max_batch=8, max_len=64, static_decode=static_decode).generate(prompts, params)
+    # continuous batching: slots reused (and with static_decode, batches of 3 padded to 4)
+    narrow = Engine(model, max_batch=3, max_len=64, static_decode=static_decode).generate(prompts, params)
     for prompt, b, n in zip(prompts, batched, narrow):
         expected = naive_greedy(model, prompt, 10)
         assert b.tokens == expected and n.tokens == expected
@@ -84,6 +86,8 @@ def test_sampling_is_seeded_per_request(model):
     assert a[0].tokens == alone[0].tokens  # request 0's draws do not depend on request 1
     other = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, seed=4))
     assert [r.tokens for r in other] != [r.tokens for r in a]
+    static = Engine(model, max_batch=4, max_len=64, static_decode=True).generate(prompts, params)
+    assert [r.tokens for r in static] == [r.tokens for r in a]
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model):

@@ -14,9 +14,12 @@ from nanoseek.config import ModelConfig
 
 class LatentKVCache:
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, layers: int | None = None):
+                 dtype: torch.dtype = torch.float32, layers: int | None = None, static_span: bool = False):
         layers = config.num_hidden_layers if layers is None else layers  # 1 for an MTP module's own cache
         self.max_len = max_len
+        # static_span: attend over all max_len entries (masked) instead of up to the longest row, so a forward's
+        # shapes never depend on the data and no length is read back to the host (what CUDA graphs need).
+        self.static_span = static_span
         self.latent = torch.zeros(layers, slots, max_len, config.kv_lora_rank, device=device, dtype=dtype)
         self.k_rope = torch.zeros(layers, slots, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens cached per slot
@@ -44,6 +47,9 @@ class LatentKVCache:
     def positions(self, seq_len: int) -> torch.Tensor:
         """(B, seq_len) positions of the next tokens of each active slot; fixes them for this forward's layers."""
         self._positions = self.lengths[self.active, None] + torch.arange(seq_len, device=self.lengths.device)
+        if self.static_span:
+            self._span = self.max_len  # the engine checked every request's length against max_len up front
+            return self._positions
         self._span = int(self._positions.max()) + 1  # one host sync per forward, not per layer
         if self._span > self.max_len:
             raise ValueError(f"a sequence would reach {self._span} tokens; this cache holds {self.max_len}")

@@ -8,6 +8,7 @@ output does not depend on what it was batched with.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,13 +39,22 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: DeepSeekV3, max_batch: int = 32, max_len: int | None = None, tokenizer=None):
+    """static_decode: decode in fixed shapes (batch padded to a power of two, attention over the whole cache
+    length), which on CUDA are captured once per size in CUDA graphs and replayed, removing the per-kernel launch
+    cost that dominates small-batch decoding. Default: on for CUDA."""
+
+    def __init__(self, model: DeepSeekV3, max_batch: int = 32, max_len: int | None = None, tokenizer=None,
+                 static_decode: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device = param.device
         max_len = max_len or min(model.config.max_position_embeddings, 4096)
-        self.cache = LatentKVCache(model.config, max_batch, max_len, self.device, param.dtype)
+        static = self.device.type == "cuda" if static_decode is None else static_decode
+        # A static decode pads its batch with rows that write into one extra scratch slot, never a request's.
+        self.cache = LatentKVCache(model.config, max_batch + static, max_len, self.device, param.dtype)
+        self.max_batch = max_batch
+        self._decode_graphs = DecodeGraphs(model, self.cache, max_batch) if static else None
         self._mtp_cache: LatentKVCache | None = None  # made on the first speculative request
 
     @torch.no_grad()
@@ -54,7 +64,7 @@ class Engine:
         results = [Completion(list(p)) for p in prompts]
         generators = [torch.Generator(device=self.device).manual_seed(params.seed + i) for i in range(len(prompts))]
         waiting = deque(range(len(prompts)))
-        free = list(range(self.cache.lengths.shape[0]))[::-1]
+        free = list(range(self.max_batch))[::-1]
         running: dict[int, int] = {}  # slot -> request
         while waiting or running:
             admitted = {}  # slot -> request
@@ -71,10 +81,8 @@ class Engine:
             if not running:
                 continue
             slots = sorted(running)
-            last = torch.tensor([[results[running[s]].tokens[-1]] for s in slots], device=self.device)
-            self.cache.bind(torch.tensor(slots, device=self.device))
-            logits = self.model(last, cache=self.cache)[:, -1].float()
-            self.cache.advance(1)
+            logits = self._decode(torch.tensor([results[running[s]].tokens[-1] for s in slots]),
+                                  torch.tensor(slots))
             for row, slot in enumerate(slots):
                 request = running[slot]
                 if self._accept(results[request], self._sample(logits[row], params, generators[request]), params):
@@ -99,9 +107,7 @@ class Engine:
             yield token
             if done:
                 return
-            self.cache.bind(torch.tensor([0], device=self.device))
-            logits = self.model(torch.tensor([[token]], device=self.device), cache=self.cache)[0, -1].float()
-            self.cache.advance(1)
+            logits = self._decode(torch.tensor([token]), torch.tensor([0]))[0]
 
     @torch.no_grad()
     def generate_speculative(self, prompt: list[int], params: SamplingParams | None = None
@@ -171,6 +177,16 @@ class Engine:
                 raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens {params.max_new_tokens} "
                                  f"exceeds the cache's {self.cache.max_len} tokens per sequence")
 
+    def _decode(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One token (B,) for each of the slots (B,) -> next-token logits (B, V) float32; the slots advance."""
+        tokens, slots = tokens.to(self.device), slots.to(self.device)
+        if self._decode_graphs is not None:
+            logits = self._decode_graphs(tokens, slots)
+        else:
+            logits = self.model(tokens[:, None], cache=self.cache.bind(slots))[:, -1].float()
+        self.cache.bind(slots).advance(1)
+        return logits
+
     def _prefill(self, slots: list[int], prompts: list[list[int]], token_budget: int = 8192) -> torch.Tensor:
         """Prompts into their slots, right-padded into few forwards of at most token_budget tokens -> (B, V)
         logits after each prompt's last token. A pad position's cache entry lies past its slot's length, so it
@@ -229,3 +245,67 @@ class Engine:
             outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0.0))
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class DecodeGraphs:
+    """Decode steps of fixed batch sizes (powers of two up to max_batch) in static shapes: the input tokens and
+    slots live in fixed buffers, a smaller batch is padded with rows on the cache's scratch slot (the last one),
+    and attention spans the whole cache. On CUDA each size is captured once in a CUDA graph and replayed; on
+    other devices the same padded forward runs eagerly (how the CPU tests check it)."""
+
+    def __init__(self, model: DeepSeekV3, cache: LatentKVCache, max_batch: int):
+        self.model, self.cache = model, cache
+        self.scratch = cache.lengths.shape[0] - 1
+        self.sizes = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        device = cache.lengths.device
+        self.tokens = {b: torch.zeros(b, 1, dtype=torch.long, device=device) for b in self.sizes}
+        self.slots = {b: torch.full((b,), self.scratch, dtype=torch.long, device=device) for b in self.sizes}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda":
+            try:
+                self._capture()
+            except RuntimeError as e:  # e.g. an op that syncs with the host (the grouped GEMM's fp32 fallback)
+                self.graphs.clear()
+                warnings.warn(f"decode steps could not be captured in CUDA graphs, running them eagerly: {e}",
+                              stacklevel=3)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.tokens[size], cache=self.cache.bind(self.slots[size]))[:, -1].float()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        self.cache.static_span = True
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, library workspaces
+                for size in self.sizes:
+                    self._forward(size)
+            torch.cuda.current_stream().wait_stream(side)
+            pool = None
+            for size in reversed(self.sizes):  # the largest first, so the smaller ones reuse its memory pool
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[size] = self._forward(size)
+                self.graphs[size], pool = graph, graph.pool()
+        finally:
+            self.cache.static_span = False
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """tokens, slots (B,) -> logits (B, V); the caller advances the slots."""
+        n = tokens.shape[0]
+        size = next(s for s in self.sizes if s >= n)
+        self.tokens[size][:n, 0].copy_(tokens)
+        self.tokens[size][n:] = 0
+        self.slots[size][:n].copy_(slots)
+        self.slots[size][n:] = self.scratch
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.logits[size][:n].clone()
+        self.cache.static_span = True
+        try:
+            return self._forward(size)[:n]
+        finally:
+            self.cache.static_span = False
