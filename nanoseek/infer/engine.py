@@ -62,7 +62,7 @@ class Engine:
         params = params or SamplingParams()
         self._check(prompts, params)
         results = [Completion(list(p)) for p in prompts]
-        generators = [torch.Generator(device=self.device).manual_seed(params.seed + i) for i in range(len(prompts))]
+        generators = [torch.Generator().manual_seed(params.seed + i) for i in range(len(prompts))]
         waiting = deque(range(len(prompts)))
         free = list(range(self.max_batch))[::-1]
         running: dict[int, int] = {}  # slot -> request
@@ -72,9 +72,9 @@ class Engine:
                 admitted[free.pop()] = waiting.popleft()
             if admitted:
                 logits = self._prefill(list(admitted), [prompts[r] for r in admitted.values()])
-                for row, (slot, request) in enumerate(admitted.items()):
-                    if not self._accept(results[request], self._sample(logits[row], params, generators[request]),
-                                        params):
+                tokens = self._sample(logits, params, [generators[r] for r in admitted.values()])
+                for (slot, request), token in zip(admitted.items(), tokens, strict=True):
+                    if not self._accept(results[request], token, params):
                         running[slot] = request
                     else:
                         free.append(slot)
@@ -83,9 +83,10 @@ class Engine:
             slots = sorted(running)
             logits = self._decode(torch.tensor([results[running[s]].tokens[-1] for s in slots]),
                                   torch.tensor(slots))
-            for row, slot in enumerate(slots):
+            tokens = self._sample(logits, params, [generators[running[slot]] for slot in slots])
+            for slot, token in zip(slots, tokens, strict=True):
                 request = running[slot]
-                if self._accept(results[request], self._sample(logits[row], params, generators[request]), params):
+                if self._accept(results[request], token, params):
                     del running[slot]
                     free.append(slot)
         if self.tokenizer is not None:
@@ -98,16 +99,16 @@ class Engine:
         """One request, token by token as they are sampled (for interactive use); uses cache slot 0."""
         params = params or SamplingParams()
         self._check([prompt], params)
-        generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        generator = torch.Generator().manual_seed(params.seed)
         completion = Completion(list(prompt))
-        logits = self._prefill([0], [prompt])[0]
+        logits = self._prefill([0], [prompt])
         while True:
-            token = self._sample(logits, params, generator)
+            token = self._sample(logits, params, [generator])[0]
             done = self._accept(completion, token, params)
             yield token
             if done:
                 return
-            logits = self._decode(torch.tensor([token]), torch.tensor([0]))[0]
+            logits = self._decode(torch.tensor([token]), torch.tensor([0]))
 
     @torch.no_grad()
     def generate_speculative(self, prompt: list[int], params: SamplingParams | None = None
@@ -231,20 +232,23 @@ class Engine:
         return text[:cut]
 
     @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-        """logits (V,) float32 -> one token id."""
+    def _sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> list[int]:
+        """logits (B, V) float32, one CPU generator per row -> one token id per row. The filtering runs batched on
+        the logits' device; the draws run on the CPU from each request's own generator (one transfer per step),
+        so a request's tokens depend only on its seed, not on its batch or device."""
         if params.temperature <= 0:
-            return int(logits.argmax())
+            return logits.argmax(dim=-1).tolist()
         logits = logits / params.temperature
         if params.top_k:
-            cut = logits.topk(min(params.top_k, logits.numel())).values[-1]
+            cut = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < cut, float("-inf"))
         probs = logits.softmax(dim=-1)
         if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs, 1, generator=generator))
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = probs.cpu()
+        return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, generators, strict=True)]
 
 
 class DecodeGraphs:
