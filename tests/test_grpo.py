@@ -40,7 +40,7 @@ ADV = torch.tensor([1.0, -1.0])
     ("constant", (-3.2 + 1.8) / (2 * 4)),  # Dr. GRPO: sum / (batch * max_tokens)
 ])
 def test_policy_loss_per_aggregation(aggregation, expected):
-    cfg = GRPOLossConfig(aggregation=aggregation, max_tokens=4)
+    cfg = GRPOLossConfig(aggregation=aggregation, max_tokens=4, eps_high=0.2)
     loss, stats = policy_loss(LOGP, OLD, ADV, MASK, cfg)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert stats["clip_fraction"] == pytest.approx(2 / 5)  # both first tokens are outside the clip range
