@@ -50,7 +50,8 @@ def test_clip_higher_and_kl_term():
     loss, _ = policy_loss(LOGP, OLD, ADV, MASK, GRPOLossConfig(aggregation="token", eps_high=0.6))
     assert loss.item() == pytest.approx((-1.5 - 2 + 1.8) / 5)  # ratio 1.5 is inside [0.8, 1.6]: not clipped
     ref = torch.zeros(2, 3)
-    loss, stats = policy_loss(LOGP, OLD, ADV, MASK, GRPOLossConfig(aggregation="token", beta=0.1), ref_logp=ref)
+    loss, stats = policy_loss(LOGP, OLD, ADV, MASK, GRPOLossConfig(aggregation="token", eps_high=0.2, beta=0.1),
+                              ref_logp=ref)
     k3 = [1 / 1.5 + math.log(1.5) - 1, 1 / 0.5 + math.log(0.5) - 1]  # exp(-d) + d - 1 at d = log ratio
     assert loss.item() == pytest.approx((-3.2 + 1.8 + 0.1 * sum(k3)) / 5)
     assert stats["kl"] == pytest.approx(sum(k3) / 5)
