@@ -16,10 +16,9 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import LatentCacheLayer, MultiHeadLatentAttention
 from nanoseek.model.layers import FeedForward, RMSNorm
+from nanoseek.model.losses import IGNORE_INDEX, linear_cross_entropy, mtp_linear_cross_entropy
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.rope import RotaryEmbedding
-
-IGNORE_INDEX = -100
 
 
 class LatentCache(Protocol):
@@ -87,7 +86,8 @@ def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Ten
     """Mean over depths k=1..D of the cross-entropy of depth k's logits (B, S-k, V) against targets[:, k:].
 
     targets[:, t] is the token after position t, so depth k at position t predicts targets[:, t + k],
-    the token k+1 places ahead of input t.
+    the token k+1 places ahead of input t. Training computes the same from the hidden states without whole
+    logits (losses.mtp_linear_cross_entropy); this is the plain reference.
     """
     losses = [F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten(), ignore_index=IGNORE_INDEX)
               for k, logits in enumerate(mtp_logits, start=1)]
@@ -206,19 +206,19 @@ class DeepSeekV3(nn.Module):
         """Training loss. targets (B, S): the next token of each position, IGNORE_INDEX where none.
 
         mtp_weight (lambda) and balance_alpha default to the config's; 0 switches a term off (MTP off also
-        skips the MTP forward).
+        skips the MTP forward). The output head and its cross-entropy run fused, chunk by chunk over the tokens
+        (losses.linear_cross_entropy): the (tokens, vocab) logits are never held whole.
         """
         c = self.config
         mtp_weight = c.mtp_loss_weight if mtp_weight is None else mtp_weight
         balance_alpha = c.aux_loss_alpha if balance_alpha is None else balance_alpha
         use_mtp = mtp_weight > 0 and len(self.mtp) > 0
         hidden, mtp_hidden, counts, balances = self._run(input_ids, with_mtp=use_mtp)
-        lm_loss = F.cross_entropy(self.lm_head(hidden).flatten(0, 1).float(), targets.flatten(),
-                                  ignore_index=IGNORE_INDEX)
+        lm_loss = linear_cross_entropy(hidden, self.lm_head.weight, targets)
         loss = lm_loss
         depth_loss = None
         if use_mtp and mtp_hidden:
-            depth_loss = mtp_loss([self.lm_head(h) for h in mtp_hidden], targets)
+            depth_loss = mtp_linear_cross_entropy(mtp_hidden, self.lm_head.weight, targets)
             loss = loss + mtp_weight * depth_loss
         balance = torch.stack(balances).sum() if balances else lm_loss.new_zeros(())
         if balance_alpha > 0:
