@@ -38,19 +38,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 keep = valid[lo:lo + chunk_size]  # (C,)
                 target = targets[lo:lo + chunk_size].where(keep, 0).unsqueeze(1)  # (C, 1)
                 logits = (h @ w.T).to(acc)  # (C, V): rounded to `dtype` first, as the plain path's logits are
-                lse = logits.logsumexp(dim=-1)  # (C,)
-                total += ((lse - logits.gather(1, target).squeeze(1)) * keep).sum()
-                if not (need_hidden or need_weight):
-                    continue
-                # d(sum of the chunk's losses)/d logits = softmax - one_hot(target), zero on ignored rows;
-                # built in place of the logits, then divided by the valid-token count of the mean.
-                grad = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad.scatter_add_(1, target, torch.full_like(lse, -1.0).unsqueeze(1))
-                grad = (grad * (keep / n_valid).unsqueeze(1)).to(dtype)  # (C, V)
-                if need_hidden:
-                    grad_hidden[lo:lo + chunk_size] = grad @ w
-                if need_weight:
-                    grad_weight += (grad.T @ h).to(acc)
+                # A stable log-sum-exp whose exponentials are built in place: one (C, V) buffer per chunk.
+                top = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+                target_logit = logits.gather(1, target) - top  # (C, 1)
+                probs = logits.sub_(top).exp_()  # (C, V), unnormalised
+                norm = probs.sum(dim=-1, keepdim=True)  # (C, 1)
+                total += ((norm.log() - target_logit).squeeze(1) * keep).sum()
+                if need_hidden or need_weight:
+                    # d(mean loss)/d logits = (softmax - one_hot(target)) / valid count, zero on ignored rows.
+                    grad = probs.div_(norm).scatter_add_(1, target, torch.full_like(norm, -1.0))
+                    grad = grad.mul_((keep / n_valid).unsqueeze(1)).to(dtype)  # (C, V)
+                    if need_hidden:
+                        grad_hidden[lo:lo + chunk_size] = grad @ w
+                    if need_weight:
+                        grad_weight += (grad.T @ h).to(acc)
+                    del grad
+                del logits, probs  # free this chunk's (C, V) buffer before the next chunk's GEMM allocates one
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / n_valid
