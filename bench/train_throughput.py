@@ -51,8 +51,8 @@ from nanoseek.model.params import count_parameters, flops_per_token
 from nanoseek.train.loop import peak_flops
 
 # A wider bench-1b (hidden 2048, V2-Lite's head dims) that trains on one 80 GB GPU in both libraries.
-WIDE = dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=768, num_hidden_layers=8,
-            q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+WIDE = {"hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 768, "num_hidden_layers": 8,
+        "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
 LR_WARMUP = 10
 PARITY_TAIL = 5  # the final loss is the mean of the last steps' losses
 
@@ -238,7 +238,7 @@ def fits(run: Run, config: ModelConfig, hf_dir: Path, micro_batch: int, seq_len:
 def max_micro_batch(run: Run, config: ModelConfig, hf_dir: Path, args, device, dtype, limit: int = 1024) -> int:
     """Doubling from --micro-batch until a step runs out of memory, then bisection: the largest that fits
     (at most `limit`)."""
-    check = lambda b: fits(run, config, hf_dir, b, args.seq_len, args, device, dtype)  # noqa: E731
+    check = lambda b: fits(run, config, hf_dir, b, args.seq_len, args, device, dtype)
     lo, hi = 0, args.micro_batch
     while check(hi):
         lo, hi = hi, 2 * hi
@@ -256,7 +256,7 @@ def parity(runs: list[dict]) -> dict | None:
     ours, theirs = by_name.get("nanoseek parity"), by_name.get("transformers")
     if ours is None or theirs is None or "losses" not in ours or "losses" not in theirs:
         return None
-    final = lambda r: sum(r["losses"][-PARITY_TAIL:]) / len(r["losses"][-PARITY_TAIL:])  # noqa: E731
+    final = lambda r: sum(r["losses"][-PARITY_TAIL:]) / len(r["losses"][-PARITY_TAIL:])
     out = {"final_loss_nanoseek": final(ours), "final_loss_transformers": final(theirs),
            "final_loss_difference": final(ours) - final(theirs),
            "max_step_difference": max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])),
@@ -311,7 +311,8 @@ def main() -> None:
         "mtp_flops_per_token": mtp_flops_per_token(config, args.seq_len),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 check=False).stdout.strip(),
         "seq_len": args.seq_len, "micro_batch": args.micro_batch, "steps": args.steps, "timed_steps": args.steps
         - args.warmup, "lr": args.lr, "seed": args.seed,
         "data": "seeded sparse Markov chain: first min(V, 4096) ids, 4 fixed successors per token (floor ln 4)",

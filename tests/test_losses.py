@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from nanoseek.model import IGNORE_INDEX, DeepSeekV3
-from nanoseek.model import losses
+from nanoseek.model import IGNORE_INDEX, DeepSeekV3, losses
 from nanoseek.model.losses import linear_cross_entropy, mtp_linear_cross_entropy
 from nanoseek.model.transformer import mtp_loss
 
@@ -91,7 +90,7 @@ def count_ops(fn, name: str) -> int:
 
 def test_gradients_are_only_computed_when_needed():
     h, w, targets = problem()
-    run = lambda: linear_cross_entropy(h, w, targets, chunk_size=8)  # noqa: E731  (39 tokens: 5 chunks)
+    run = lambda: linear_cross_entropy(h, w, targets, chunk_size=8)  # 39 tokens: 5 chunks
     assert count_ops(run, "aten::mm") == 15  # logits, then grads of h and of W, per chunk
     with torch.no_grad():
         assert count_ops(run, "aten::mm") == 5
@@ -127,7 +126,7 @@ def test_compute_loss_equals_the_logits_path_in_float64(monkeypatch):
     model.zero_grad()
 
     logits, mtp_logits = model(ids, return_mtp=True)
-    ce = lambda z, t: F.cross_entropy(z.flatten(0, 1), t.flatten(), ignore_index=IGNORE_INDEX)  # noqa: E731
+    ce = lambda z, t: F.cross_entropy(z.flatten(0, 1), t.flatten(), ignore_index=IGNORE_INDEX)
     lm = ce(logits, targets)
     depth = (ce(mtp_logits[0], targets[:, 1:]) + ce(mtp_logits[1], targets[:, 2:])) / 2  # float64, unlike mtp_loss
     (lm + 0.3 * depth).backward()
