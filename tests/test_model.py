@@ -101,3 +101,17 @@ def test_from_pretrained_preset_is_seeded():
     torch.testing.assert_close(a.lm_head.weight, b.lm_head.weight)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a preset"):
         nanoseek.from_pretrained("no-such-thing")
+
+
+def test_casting_to_bf16_keeps_rope_frequencies_and_balancing_bias_in_float32():
+    model = DeepSeekV3(tiny_config())
+    model.layers[1].mlp.gate.e_score_correction_bias += 1.0 + 2**-12  # a step bf16 cannot hold next to 1
+    positions = torch.tensor([[4000, 4001]])
+    cos32, sin32 = model.rotary(positions)
+    model.to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    bias = model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and torch.all(bias == 1.0 + 2**-12)
+    cos16, sin16 = model.rotary(positions)
+    assert torch.equal(cos16, cos32) and torch.equal(sin16, sin32)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16  # everything else is cast

@@ -7,6 +7,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Float32Buffers(nn.Module):
+    """A module whose named buffers stay float32 when the model is cast (model.to(torch.bfloat16)) and only
+    move between devices: RoPE's inverse frequencies and the balancing bias lose what they encode in bf16
+    (transformers keeps both in float32 too)."""
+
+    float32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.float32_buffers}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            setattr(self, name, value.to(getattr(self, name).device))
+        return self
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.layers import FeedForward
+from nanoseek.model.layers import FeedForward, Float32Buffers
 
 
 class Routing(NamedTuple):
@@ -27,7 +27,9 @@ class Routing(NamedTuple):
     scores: torch.Tensor  # (T, n_experts) float32 affinities (unbiased), for the balance loss
 
 
-class Router(nn.Module):
+class Router(Float32Buffers):
+    float32_buffers = ("e_score_correction_bias",)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from nanoseek.config import ModelConfig, YarnScaling, yarn_mscale
+from nanoseek.model.layers import Float32Buffers
 
 
 def inverse_frequencies(dim: int, theta: float, yarn: YarnScaling | None) -> tuple[torch.Tensor, float]:
@@ -35,7 +35,9 @@ def inverse_frequencies(dim: int, theta: float, yarn: YarnScaling | None) -> tup
     return inv_freq.float(), attention_factor
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(Float32Buffers):
+    float32_buffers = ("inv_freq",)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         inv_freq, self.attention_factor = inverse_frequencies(
@@ -45,7 +47,7 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (..., S) -> cos, sin of shape (..., S, rope_dim/2), float32."""
-        angles = positions.float()[..., None] * self.inv_freq.float()
+        angles = positions.float()[..., None] * self.inv_freq
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
