@@ -24,7 +24,7 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.parallel.mesh import Layout, init_parallel
 from nanoseek.parallel.trainer import ParallelTrainer
 from nanoseek.train.loop import TrainConfig
-from nanoseek.train.pretrain import DataConfig, _prepare_data
+from nanoseek.train.pretrain import DataConfig, prepare_data
 
 
 def run(setup: DataConfig, train: TrainConfig, layout: Layout, resume: bool = False) -> dict:
@@ -36,7 +36,7 @@ def run(setup: DataConfig, train: TrainConfig, layout: Layout, resume: bool = Fa
         dist.init_process_group("nccl" if torch.cuda.is_available() and train.device != "cpu" else "gloo")
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _prepare_data(setup, out / "data", preset.vocab_size, train.seed)
+        prepare_data(setup, out / "data", preset.vocab_size, train.seed)
     dist.barrier()
     data_dir = Path(setup.data[0]) if len(setup.data) == 1 and (Path(setup.data[0]) / "meta.json").is_file() \
         else out / "data"

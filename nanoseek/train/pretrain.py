@@ -42,7 +42,7 @@ class DataConfig:
     eval_max_new_tokens: int = 128
 
 
-def _prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int) -> Path:
+def prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int) -> Path:
     """-> a directory of prepared shards (with its tokenizer.json)."""
     if len(setup.data) == 1 and (Path(setup.data[0]) / "meta.json").is_file():
         return Path(setup.data[0])
@@ -86,7 +86,7 @@ def pretrain(setup: DataConfig | None = None, train: TrainConfig | None = None, 
     started = time.perf_counter()
 
     preset = get_preset(setup.preset)
-    data_dir = _prepare_data(setup, out / "data", preset.vocab_size, train.seed)
+    data_dir = prepare_data(setup, out / "data", preset.vocab_size, train.seed)
     tokenizer = Tokenizer.load(data_dir)
     config = preset.replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                             eos_token_id=tokenizer.eos_id)
