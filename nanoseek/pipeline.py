@@ -37,7 +37,7 @@ def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_proble
 
     def stage(name: str, done: Path, run) -> None:
         if done.exists():
-            print(f"[{name}] reusing {done.parent if done.suffix else done} (finished earlier)")
+            print(f"[{name}] finished earlier ({done} exists): reused")
             return
         print(f"[{name}] ...")
         started = time.perf_counter()
