@@ -187,11 +187,13 @@ class GRPOTrainer(Trainer):
             sequences = sequences.to(self.device)
             prompt_lens = torch.tensor([len(prompts[i // g.group_size]) for i in rows], device=self.device)
             adv = advantages.flatten()[rows].to(self.device)
-            with torch.no_grad():
+            autocast = self.autocast or torch.autocast("cpu", enabled=False)  # bf16 on CUDA, as in pretraining
+            with torch.no_grad(), autocast:
                 old = completion_logprobs(self.model, sequences, prompt_lens)[0] if g.mu > 1 else None
                 ref = completion_logprobs(self.reference, sequences, prompt_lens)[0] if self.reference else None
             for _ in range(g.mu):
-                logp, mask, ent = completion_logprobs(self.model, sequences, prompt_lens)
+                with autocast:
+                    logp, mask, ent = completion_logprobs(self.model, sequences, prompt_lens)
                 loss, stats = policy_loss(logp, logp.detach() if old is None else old, adv, mask, g.loss, ref)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
