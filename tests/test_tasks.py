@@ -152,7 +152,7 @@ def test_counting_answers_count_the_letter(difficulty):
         positions = [i + 1 for i, c in enumerate(word) if c == letter]
         assert f"is at {', '.join(map(str, positions)) or 'no position'}." in problem.steps
         if difficulty == 1:
-            assert len(word) <= 6
+            assert len(word) <= 8
 
 
 # --- determinism, splits, difficulty mix ---
@@ -375,3 +375,12 @@ def test_bad_names_raise_value_errors_naming_them(call, bad):
     with pytest.raises(ValueError, match=re.escape(repr(bad))) as error:
         call()
     assert "choose from" in str(error.value)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_no_constant_answer_scores_well(name):
+    """A policy that always gives one answer must not look like it solves a task (GRPO finds such shortcuts:
+    counting once answered "1" 40% right)."""
+    problems = generate(name, 600, seed=3, split="heldout", difficulty=1)
+    answers = Counter(normalize_answer(p, p.answer) for p in problems)
+    assert answers.most_common(1)[0][1] / len(problems) <= 0.2

@@ -355,14 +355,21 @@ def _sorting(rng: random.Random, level: int) -> tuple[str, list[str], str]:
     return f"Sort in ascending order: {_join(numbers)}.", steps, answer
 
 
-_COUNTING_LENGTHS = {1: (3, 6), 2: (7, 12), 3: (13, 20)}
+_COUNTING_LENGTHS = {1: (4, 8), 2: (8, 14), 3: (14, 22)}
+_COUNTING_MAX = {1: 5, 2: 8, 3: 12}
 
 
 def _counting(rng: random.Random, level: int) -> tuple[str, list[str], str]:
-    # A few distinct letters so that repeats are common; the asked letter is usually present.
-    letters = rng.sample(string.ascii_lowercase, rng.randint(3, 6))
-    word = "".join(rng.choice(letters) for _ in range(rng.randint(*_COUNTING_LENGTHS[level])))
-    letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
+    # The count is drawn first, uniformly, so that no constant answer scores well (drawing the word first made
+    # "1" right 40% of the time, and GRPO learned to answer it without counting). The other letters come from
+    # a few distinct ones, so that repeats are common.
+    length = rng.randint(*_COUNTING_LENGTHS[level])
+    count = rng.randint(0, min(_COUNTING_MAX[level], length))
+    letter = rng.choice(string.ascii_lowercase)
+    others = rng.sample([c for c in string.ascii_lowercase if c != letter], rng.randint(2, 5))
+    chars = [letter] * count + [rng.choice(others) for _ in range(length - count)]
+    rng.shuffle(chars)
+    word = "".join(chars)
     positions = [i for i, c in enumerate(word, 1) if c == letter]
     steps = [
         "Letters: " + ", ".join(f"{i} {c}" for i, c in enumerate(word, 1)) + ".",
