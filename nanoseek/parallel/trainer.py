@@ -28,8 +28,6 @@ from nanoseek.train.loop import (
     TrainConfig,
     Trainer,
     TrainingError,
-    batch_size_at,
-    learning_rate,
     max_violation,
     mtp_weight_at,
 )
@@ -110,13 +108,7 @@ class ParallelTrainer(Trainer):
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
         start = time.perf_counter()
-        lr = learning_rate(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        n_seq = batch_size_at(self.step, cfg)
-        inputs, targets = self.data.next_batch(n_seq)
-        n_tokens = int((targets != -100).sum())
-        inputs, targets = self.local_batch(inputs.to(self.device), targets.to(self.device))
+        lr, n_seq, inputs, targets, n_tokens = self.step_batch()
         mb = cfg.micro_batch_size
         micro = [MicroBatch(inputs[i:i + mb], targets[i:i + mb], int((targets[i:i + mb] != -100).sum()) / max(1, n_tokens))
                  for i in range(0, len(inputs), mb)]

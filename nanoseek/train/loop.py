@@ -208,13 +208,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         start = time.perf_counter()
-        lr = learning_rate(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        n_seq = batch_size_at(self.step, cfg)
-        inputs, targets = self.data.next_batch(n_seq)
-        n_tokens = int((targets != -100).sum())  # of the whole step (all data-parallel ranks)
-        inputs, targets = self.local_batch(inputs.to(self.device), targets.to(self.device))
+        lr, n_seq, inputs, targets, n_tokens = self.step_batch()
         mtp_weight = mtp_weight_at(self.step, cfg)
         totals: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         counts = None
@@ -261,6 +255,18 @@ class Trainer:
                                 f"(up to step {self.step}); the optimizer skipped them and the run stops here. "
                                 f"Lower the learning rate (now {lr:.2e}) or check the data.")
         return record
+
+    def step_batch(self) -> tuple[float, int, torch.Tensor, torch.Tensor, int]:
+        """Set this step's learning rate and draw its global batch -> lr, sequences in the step, this rank's
+        inputs and targets, and the tokens of the whole step (all data-parallel ranks)."""
+        lr = learning_rate(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_seq = batch_size_at(self.step, self.cfg)
+        inputs, targets = self.data.next_batch(n_seq)
+        n_tokens = int((targets != -100).sum())
+        inputs, targets = self.local_batch(inputs.to(self.device), targets.to(self.device))
+        return lr, n_seq, inputs, targets, n_tokens
 
     # ------------------------------------------------------------------ what a parallel trainer overrides
     def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
