@@ -10,18 +10,15 @@ cache memory per token. On a CPU use a small preset to check the script: `python
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import nanoseek
 from nanoseek.config import get_preset
 from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.provenance import device_name, git_commit, write_result
 
 
 def timed(fn, device: torch.device) -> float:
@@ -83,9 +80,8 @@ def main() -> None:
 
     c = config
     result = {
-        "preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-        or "cpu", "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "preset": args.preset, "device": device_name(device), "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "commit": git_commit(),
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "cache_values_per_token_per_layer": {"nanoseek": c.kv_lora_rank + c.qk_rope_head_dim,
                                              "hf": c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim
@@ -120,10 +116,7 @@ def main() -> None:
             if run["batch"] == batch and key in tokens and reference is not None:
                 same = [a == b for ra, rb in zip(tokens[key], reference) for a, b in zip(ra, rb)]
                 run["tokens_equal_to_nanoseek_eager"] = sum(same) / len(same)
-    out = Path(args.out or f"bench/results/decode-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out or f"bench/results/decode-{device.type}.json", result)
 
 
 if __name__ == "__main__":

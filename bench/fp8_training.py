@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -31,6 +29,7 @@ from nanoseek.data.shards import TokenLoader, heldout_batches, prepare_documents
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.fp8 import GEMM_PATHS
+from nanoseek.provenance import device_name, git_commit, write_result
 from nanoseek.train.loop import TrainConfig, Trainer
 
 
@@ -90,13 +89,6 @@ def run(precision: str, args: argparse.Namespace, data: Path, overrides: dict[st
     return result
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench-1b")
@@ -117,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    device = device_name("cuda" if cuda else "cpu")
     overrides = parse_overrides(args.set)
     with tempfile.TemporaryDirectory(prefix="fp8-bench-") as tmp:
         work = Path(tmp)
@@ -137,9 +129,8 @@ def main() -> None:
               "note": None if cuda else "CPU smoke run: tokens/s and parity at this size say nothing about the GPU"}
     slug = device.replace(" ", "-").lower() if cuda else "cpu-smoke"
     path = Path(args.result or Path(__file__).parent / "results" / f"fp8_training-{slug}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(summary), "->", path)
+    print(json.dumps(summary))
+    write_result(path, report)
 
 
 if __name__ == "__main__":

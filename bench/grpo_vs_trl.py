@@ -64,9 +64,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +77,7 @@ from nanoseek.config import get_preset
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from nanoseek.model import DeepSeekV3
+from nanoseek.provenance import device_name, git_commit, write_result
 from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOLossConfig, GRPOTrainer, ProblemStream
 from nanoseek.train.loop import TrainConfig, learning_rate
 from nanoseek.train.rewards import RewardSet, Sample, r1_zero_rewards
@@ -383,10 +381,9 @@ def main() -> None:
     result: dict[str, Any] = {
         "label": "CPU smoke test: checks the script; the timings mean nothing at this size" if device.type == "cpu"
         else "GPU comparison",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 check=False).stdout.strip(),
+        "commit": git_commit(),
         "model": source, "params_M": n_params / 1e6, "vocab_size": tokenizer.vocab_size,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "only")} | {
             "completions_per_step": args.prompts_per_step * args.group_size, "trl_loss_type": LOSS_TYPES[
@@ -442,10 +439,7 @@ def main() -> None:
               f"reward mean {s['reward_mean']:.3f}, last half {s['reward_mean_last_half']:.3f}")
     if "comparison" in result:
         print(f"nanoseek / TRL time per step: {result['comparison']['nanoseek_over_trl_step_time']:.3f}")
-    out = Path(args.out or f"bench/results/grpo_vs_trl-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out or f"bench/results/grpo_vs_trl-{device.type}.json", result)
 
 
 if __name__ == "__main__":

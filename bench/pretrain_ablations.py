@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import get_preset
+from nanoseek.provenance import device_name, git_commit, write_result
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import DataConfig, pretrain
@@ -58,7 +57,7 @@ def main() -> None:
     parser.add_argument("--result", default=None, help="result JSON (default bench/results/ablations-<device>.json)")
     args = parser.parse_args()
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    device = device_name("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(args.preset)
     base = TrainConfig(max_steps=args.max_steps, seq_len=args.seq_len, batch_size=args.batch_size,
                        micro_batch_size=args.micro_batch_size, eval_every=max(1, args.max_steps // 4),
@@ -79,15 +78,11 @@ def main() -> None:
                          "minutes": (time.perf_counter() - start) / 60}
         print(name, json.dumps(results[name]))
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"benchmark": "pretrain_ablations", "device": device, "torch": torch.__version__, "git_commit": commit,
+    report = {"benchmark": "pretrain_ablations", "device": device, "torch": torch.__version__, "git_commit": git_commit(),
               "preset": args.preset, "max_steps": args.max_steps, "seq_len": args.seq_len,
               "batch_size": args.batch_size, "seed": base.seed, "results": results}
     slug = device.replace(" ", "-").lower() if torch.cuda.is_available() else "cpu-smoke"
-    path = Path(args.result or f"bench/results/ablations-{slug}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.result or f"bench/results/ablations-{slug}.json", report)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,6 +20,7 @@ from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.chat import encode_prompt
 from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.provenance import device_name, git_commit, write_result
 
 
 def main() -> None:
@@ -66,10 +64,10 @@ def main() -> None:
         proposed += stats["proposed"]
         accepted += stats["accepted"]
         forwards += 1 + stats["proposed"]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    device = device_name(args.device)
     result = {
         "benchmark": "mtp_speculative_decoding", "device": device, "torch": torch.__version__,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "git_commit": git_commit(),
         "model": str(path), "params": sum(p.numel() for p in model.parameters()), "batch": 1,
         "prompts": len(prompts), "identical_to_greedy": identical, "acceptance_rate": accepted / max(1, proposed),
         "tokens_per_forward": spec_tokens / forwards, "plain_tokens_per_s": plain_tokens / plain_time,
@@ -77,9 +75,8 @@ def main() -> None:
         (plain_tokens / plain_time),
     }
     print(json.dumps(result, indent=2))
-    out = Path(f"bench/results/speculative-{'cpu' if args.device == 'cpu' else device.replace(' ', '-').lower()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(f"bench/results/speculative-{'cpu' if args.device == 'cpu' else device.replace(' ', '-').lower()}"
+                 ".json", result)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,6 +46,7 @@ from nanoseek.config import ModelConfig, get_preset
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.params import count_parameters, flops_per_token
+from nanoseek.provenance import device_name, git_commit, write_result
 from nanoseek.train.loop import peak_flops
 
 # A wider bench-1b (hidden 2048, V2-Lite's head dims) that trains on one 80 GB GPU in both libraries.
@@ -309,10 +308,9 @@ def main() -> None:
                      "activated_without_embedding": counts.activated_without_embedding / 1e6, "mtp": counts.mtp / 1e6},
         "flops_per_token": flops_per_token(config, args.seq_len),
         "mtp_flops_per_token": mtp_flops_per_token(config, args.seq_len),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 check=False).stdout.strip(),
+        "commit": git_commit(),
         "seq_len": args.seq_len, "micro_batch": args.micro_batch, "steps": args.steps, "timed_steps": args.steps
         - args.warmup, "lr": args.lr, "seed": args.seed,
         "data": "seeded sparse Markov chain: first min(V, 4096) ids, 4 fixed successors per token (floor ln 4)",
@@ -349,10 +347,7 @@ def main() -> None:
     result["parity"] = parity(result["runs"])
     print(json.dumps({"speedup_vs_transformers": result.get("speedup_vs_transformers"), "parity": result["parity"]},
                      indent=1))
-    out = Path(args.out or f"bench/results/train_throughput-{args.preset}-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out or f"bench/results/train_throughput-{args.preset}-{device.type}.json", result)
 
 
 if __name__ == "__main__":
