@@ -2,6 +2,7 @@
 
 pass@1 = mean over problems of (correct samples / k), sampled at temperature 0.6 and top-p 0.95 by default;
 cons@k: the most frequent normalised answer among the k samples (unparseable ones do not vote) is checked;
+pass@k: whether any of the k samples is right (the ceiling that sharpening the sampled distribution can reach);
 greedy: one temperature-0 completion per problem. Also the format rate (R1-Zero's structure) and the mean
 completion length, per task and overall.
 """
@@ -30,7 +31,7 @@ class EvalConfig:
 
 
 def score_problem(problem: tasks.Problem, samples: list[str]) -> dict[str, float]:
-    """One problem's k sampled completions -> pass@1, cons@k, format rate."""
+    """One problem's k sampled completions -> pass@1, cons@k, pass@k, format rate."""
     answers = [final_answer(s) for s in samples]
     correct = [a is not None and tasks.check_answer(problem, a) for a in answers]
     votes = Counter(n for a in answers if a is not None
@@ -39,6 +40,7 @@ def score_problem(problem: tasks.Problem, samples: list[str]) -> dict[str, float
     winner = next((a for a in answers if a is not None and tasks.normalize_answer(problem, a) == majority), None)
     return {"pass@1": sum(correct) / len(samples),
             "cons@k": float(winner is not None and tasks.check_answer(problem, winner)),
+            "pass@k": float(any(correct)),
             "format": sum(format_reward(Sample(problem, s)) for s in samples) / len(samples)}
 
 

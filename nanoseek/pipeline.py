@@ -107,7 +107,7 @@ def _plot_pass_at_1(before: dict[str, Any], after: dict[str, Any], path: Path) -
 
 def _report_markdown(report: dict[str, Any]) -> str:
     before, after = report["base"], report["r1_zero"]
-    metrics = ("pass@1", "cons@k", "greedy", "format")
+    metrics = ("pass@1", "cons@k", "pass@k", "greedy", "format")
     rows = []
     for name in [*before["per_task"], "overall"]:
         b = before["per_task"][name] if name != "overall" else before["overall"]
@@ -121,7 +121,7 @@ Held-out problems: {before['problems']} (easy level), k = {before['k']} samples 
 {before['temperature']}, top-p {before['top_p']}; greedy is one temperature-0 completion.
 Stages: {times}.
 
-| task | {' | '.join(m.replace('cons@k', f"cons@{before['k']}") for m in metrics)} |
+| task | {' | '.join(m.replace('@k', f"@{before['k']}") for m in metrics)} |
 |---|{'---|' * len(metrics)}
 {chr(10).join(rows)}
 

@@ -18,15 +18,18 @@ def done(answer: str) -> str:
 def test_pass_at_1_and_majority_vote_hand_computed():
     # 4 samples, 2 right ("85" and " 85." normalise alike)
     s = score_problem(ADD, [done("85"), done("86"), done(" 85."), done("86")])
-    assert s["pass@1"] == 0.5 and s["format"] == 1.0
+    assert s["pass@1"] == 0.5 and s["format"] == 1.0 and s["pass@k"] == 1.0
     # 3 right of 5, the majority ("85" x3 vs "86" x2) is right; one malformed sample drags the format rate
     s = score_problem(ADD, [done("85"), done("86"), done("85"), done("86"), "85 without tags <answer>85</answer>"])
     assert s["pass@1"] == pytest.approx(3 / 5) and s["cons@k"] == 1.0 and s["format"] == pytest.approx(4 / 5)
     # majority wrong: 86 x3, 85 x2
     s = score_problem(ADD, [done("86"), done("86"), done("85"), done("86"), done("85")])
-    assert s["pass@1"] == pytest.approx(2 / 5) and s["cons@k"] == 0.0
+    assert s["pass@1"] == pytest.approx(2 / 5) and s["cons@k"] == 0.0 and s["pass@k"] == 1.0
+    # none right: pass@k is 0
+    assert score_problem(ADD, [done("86"), done("84")])["pass@k"] == 0.0
     # nothing parseable: no vote
-    assert score_problem(ADD, ["", "garbage"]) == {"pass@1": 0.0, "cons@k": 0.0, "format": 0.0}
+    assert score_problem(ADD, ["", "garbage"]) == {"pass@1": 0.0, "cons@k": 0.0, "pass@k": 0.0,
+                                                         "format": 0.0}
 
 
 def test_heldout_problems_are_distinct_and_held_out():
@@ -52,5 +55,5 @@ def test_eval_command_on_tiny_checkpoint(tmp_path, capsys):
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["problems"] == 14 and report["k"] == 2
-    assert set(report["overall"]) == {"pass@1", "cons@k", "format", "length", "greedy"}
+    assert set(report["overall"]) == {"pass@1", "cons@k", "pass@k", "format", "length", "greedy"}
     assert "| overall |" in capsys.readouterr().out

@@ -72,3 +72,10 @@ def test_bad_training_option(tmp_path, bad, capsys):
     assert main(["pretrain", "--out-dir", str(tmp_path / "run"), *ARGS, *bad]) == 2
     assert "invalid training option 'recompute' = 'some': must be 'none', 'selective' or 'full'" in \
         capsys.readouterr().err
+
+
+def test_unknown_corpus_difficulty(tmp_path, capsys):
+    assert main(["pretrain", "--out-dir", str(tmp_path / "run"), *ARGS, "--difficulty", "4"]) == 2
+    assert "difficulty 4 is not a level of the built-in corpus; choose 0 (mixed) or one of 1, 2, 3" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()  # refused before any work

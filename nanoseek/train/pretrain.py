@@ -36,6 +36,7 @@ class DataConfig:
     data: tuple[str, ...] = ()  # text/JSONL/Parquet files or directories, or one prepared shard directory
     tokenizer: str | None = None  # a tokenizer.json to use; None trains a BPE of the preset's vocabulary size
     builtin_docs: int = 60_000  # documents of the built-in corpus when no data is given
+    difficulty: int = 1  # level of the built-in corpus's problems (0: mixed, tasks.LEVEL_WEIGHTS)
     fim_rate: float = 0.1
     heldout_fraction: float = 0.02
     eval_problems: int = 50  # easy held-out problems per task for the final greedy accuracy (0: skip)
@@ -55,7 +56,10 @@ def prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int) 
         prepare_files(list(setup.data), Tokenizer.load(setup.tokenizer), data_dir, fim_rate=setup.fim_rate,
                       heldout_fraction=setup.heldout_fraction, seed=seed)
         return data_dir
-    docs = list(tasks.corpus(setup.builtin_docs, seed=seed))
+    if setup.difficulty not in (0, *tasks.DIFFICULTIES):
+        raise PretrainError(f"difficulty {setup.difficulty} is not a level of the built-in corpus; choose 0 (mixed) "
+                            f"or one of {', '.join(map(str, tasks.DIFFICULTIES))}")
+    docs = list(tasks.corpus(setup.builtin_docs, seed=seed, difficulty=setup.difficulty or None))
     tokenizer = Tokenizer.load(setup.tokenizer) if setup.tokenizer else Tokenizer.train(docs, vocab_size)
     prepare_documents(docs, tokenizer, data_dir, fim_rate=setup.fim_rate, heldout_fraction=setup.heldout_fraction,
                       seed=seed)
