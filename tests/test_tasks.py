@@ -6,6 +6,8 @@ from fractions import Fraction
 
 import pytest
 
+from nanoseek.data import tasks
+
 from nanoseek.data.tasks import (
     DIFFICULTIES,
     TASKS,
@@ -116,10 +118,24 @@ def test_countdown_answers_reach_the_target_with_the_given_numbers(difficulty):
         assert evaluate(problem.answer) == int(target)
         assert not Counter(map(int, re.findall(r"\d+", problem.answer))) - Counter(numbers)
         assert problem.steps.endswith(f"So {problem.answer} = {target}.")
-        assert claims_hold(problem.steps) == len(numbers) - 1
         assert len(numbers) == (3 if difficulty < 3 else 4) and int(target) not in numbers
-        if difficulty == 1:
-            assert max(numbers) <= 9
+        if difficulty > 1:
+            assert claims_hold(problem.steps) == len(numbers) - 1
+            continue
+        # Level 1 is solved by a search: tries in a fixed order, the last one hits, every earlier one misses.
+        assert max(numbers) <= 9
+        tries = problem.steps.splitlines()[:-1]
+        assert claims_hold("\n".join(tries)) == 2 * len(tries)
+        assert tries[-1].endswith(f" = {target}, yes.") and all(t.endswith("no.") for t in tries[:-1])
+        assert not any(t.endswith(f" = {target}, no.") for t in tries)
+
+
+def test_countdown_search_order_and_its_last_pattern():
+    # 5 >= 4 >= 3: 12, 6, 4 and -2 miss; 4 + 3 - 5 = 2 is the fifth try
+    steps, expression = tasks._countdown_search([4, 5, 3], 2)
+    assert expression == "4 + 3 - 5" and len(steps) == 5
+    assert steps[0] == "5 + 4 = 9, 9 + 3 = 12, no." and steps[3] == "5 - 4 = 1, 1 - 3 = -2, no."
+    assert steps[4] == "4 + 3 = 7, 7 - 5 = 2, yes."
 
 
 @pytest.mark.parametrize("difficulty", DIFFICULTIES)
@@ -146,8 +162,9 @@ def test_sorting_answers_are_sorted_questions(difficulty):
 @pytest.mark.parametrize("difficulty", DIFFICULTIES)
 def test_counting_answers_count_the_letter(difficulty):
     for problem in generate("counting", 40, seed=1, difficulty=difficulty):
-        question = r'How many times does the letter "(\w)" appear in "(\w+)"\?'
-        letter, word = re.fullmatch(question, problem.question).groups()
+        question = r'How many times does the letter "(\w)" appear in "(\w(?: \w)*)"\?'
+        letter, spelled = re.fullmatch(question, problem.question).groups()
+        word = spelled.replace(" ", "")
         assert problem.answer == str(word.count(letter))
         positions = [i + 1 for i, c in enumerate(word) if c == letter]
         assert f"is at {', '.join(map(str, positions)) or 'no position'}." in problem.steps
@@ -350,6 +367,18 @@ def test_corpus_mixes_all_tasks_deterministically():
     assert set(QUESTION_STARTS) == set(TASKS)
     for start in QUESTION_STARTS.values():
         assert any(re.match("Question: " + start, doc) for doc in docs), start
+
+
+def test_corpus_direct_answers_state_the_answer_without_steps():
+    worked, direct = list(corpus(400, seed=0)), list(corpus(400, seed=0, direct_rate=0.6))
+    guesses = [doc for doc in direct if "\n<think>\nThe answer is " in doc]
+    assert not any("\n<think>\nThe answer is " in doc for doc in worked)
+    assert 0.5 < len(guesses) / 400 < 0.7
+    for doc in guesses:
+        assert re.fullmatch(r"Question: .+\n<think>\nThe answer is (.+)\.\n</think>\n<answer>\1</answer>", doc), doc
+    assert all("\n<think>\nThe answer is " in doc for doc in corpus(20, seed=0, direct_rate=1.0))
+    with pytest.raises(ValueError, match="direct_rate must be between 0 and 1, not 1.5"):
+        corpus(3, direct_rate=1.5)
 
 
 def test_corpus_respects_tasks_split_and_difficulty():

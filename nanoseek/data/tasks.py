@@ -188,6 +188,8 @@ def _combine(rng: random.Random, a: int, b: int, ops: str) -> tuple[str, int]:
 
 def _countdown(rng: random.Random, level: int) -> tuple[str, list[str], str]:
     # Combine two random pool entries until one is left: a solvable instance by construction.
+    # Level 1 (three numbers, + and -) is then solved by a search the model can learn to carry out; the
+    # harder levels show the construction, which needs search the steps do not show.
     while True:
         numbers, ops = _countdown_numbers(rng, level)
         pool = [(n, str(n)) for n in numbers]
@@ -203,7 +205,26 @@ def _countdown(rng: random.Random, level: int) -> tuple[str, list[str], str]:
             break
     rng.shuffle(numbers)
     question = f"Make {target} from {', '.join(map(str, numbers))} using + - * / (each number at most once)."
+    if level == 1:
+        steps, expression = _countdown_search(numbers, target)
     return question, steps + [f"So {expression} = {target}."], expression
+
+
+def _countdown_search(numbers: list[int], target: int) -> tuple[list[str], str]:
+    """Three numbers a >= b >= c combined by + and - reach a positive target as one of a + b + c,
+    a + b - c, a - b + c, a - b - c or b + c - a: try them in that order, one operation at a time, and
+    stop at the first that hits -> (the tries, the expression found)."""
+    a, b, c = sorted(numbers, reverse=True)
+    steps = []
+    for x, op1, y, op2, z in ((a, "+", b, "+", c), (a, "+", b, "-", c), (a, "-", b, "+", c),
+                              (a, "-", b, "-", c), (b, "+", c, "-", a)):
+        first = int(_OPS[op1](x, y))
+        value = int(_OPS[op2](first, z))
+        hit = value == target
+        steps.append(f"{x} {op1} {y} = {first}, {first} {op2} {z} = {value}, " + ("yes." if hit else "no."))
+        if hit:
+            return steps, f"{x} {op1} {y} {op2} {z}"
+    raise AssertionError(f"{numbers} cannot make {target} with + and -")  # unreachable: see the docstring
 
 
 def _operand(expression: str) -> str:
@@ -376,7 +397,10 @@ def _counting(rng: random.Random, level: int) -> tuple[str, list[str], str]:
         f"The letter {letter} is at " + (_join(positions) if positions else "no position") + ".",
         f"So the count is {len(positions)}.",
     ]
-    return f'How many times does the letter "{letter}" appear in "{word}"?', steps, str(len(positions))
+    # The word is written letter by letter: a subword tokenizer merges runs of letters into one token, whose
+    # letters a small model cannot see.
+    spelled = " ".join(word)
+    return f'How many times does the letter "{letter}" appear in "{spelled}"?', steps, str(len(positions))
 
 
 # --- answer parsers ---
@@ -479,9 +503,11 @@ def format_prompt(problem: Problem) -> str:
     return f"Question: {problem.question}\n<think>\n"
 
 
-def format_document(problem: Problem) -> str:
-    """The pretraining text of one problem, in the R1-Zero answer format."""
-    return f"{format_prompt(problem)}{problem.steps}\n</think>\n<answer>{problem.answer}</answer>"
+def format_document(problem: Problem, worked: bool = True) -> str:
+    """The pretraining text of one problem, in the R1-Zero answer format: the worked steps, or (worked=False)
+    only a one-line guess of the answer, as text that states answers without working shows them."""
+    thought = problem.steps if worked else f"The answer is {problem.answer}."
+    return f"{format_prompt(problem)}{thought}\n</think>\n<answer>{problem.answer}</answer>"
 
 
 def extract_answer(completion: str) -> str | None:
@@ -494,9 +520,11 @@ def extract_answer(completion: str) -> str | None:
 
 
 def corpus(n_docs: int, seed: int = 0, tasks: list[str] | None = None, split: str = "train",
-           difficulty: int | None = None) -> Iterator[str]:
+           difficulty: int | None = None, direct_rate: float = 0.0) -> Iterator[str]:
     """n_docs pretraining documents, each of a task drawn uniformly from `tasks` (default: all),
-    deterministic from the arguments."""
+    deterministic from the arguments; a share `direct_rate` of them state the answer without the steps."""
+    if not 0.0 <= direct_rate <= 1.0:
+        raise ValueError(f"direct_rate must be between 0 and 1, not {direct_rate!r}")
     names = list(TASKS) if tasks is None else list(tasks)
     if not names:
         raise ValueError("tasks is empty; choose from " + ", ".join(TASKS))
@@ -505,4 +533,5 @@ def corpus(n_docs: int, seed: int = 0, tasks: list[str] | None = None, split: st
     if difficulty is not None:
         _check_difficulty(difficulty)
     rng = random.Random(f"corpus/{seed}/{split}/{difficulty}/{','.join(names)}")
-    return (format_document(_draw(rng.choice(chosen), rng, split, difficulty)) for _ in range(n_docs))
+    return (format_document(_draw(rng.choice(chosen), rng, split, difficulty), worked=rng.random() >= direct_rate)
+            for _ in range(n_docs))

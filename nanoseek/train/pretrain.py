@@ -37,6 +37,9 @@ class DataConfig:
     tokenizer: str | None = None  # a tokenizer.json to use; None trains a BPE of the preset's vocabulary size
     builtin_docs: int = 60_000  # documents of the built-in corpus when no data is given
     difficulty: int = 1  # level of the built-in corpus's problems (0: mixed, tasks.LEVEL_WEIGHTS)
+    # Share of built-in documents that state the answer with no worked steps. The base model then sometimes
+    # reasons and sometimes guesses, and R1-Zero has something to find: that reasoning earns the reward.
+    direct_rate: float = 0.6
     fim_rate: float = 0.1
     heldout_fraction: float = 0.02
     eval_problems: int = 50  # easy held-out problems per task for the final greedy accuracy (0: skip)
@@ -59,7 +62,10 @@ def prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int) 
     if setup.difficulty not in (0, *tasks.DIFFICULTIES):
         raise PretrainError(f"difficulty {setup.difficulty} is not a level of the built-in corpus; choose 0 (mixed) "
                             f"or one of {', '.join(map(str, tasks.DIFFICULTIES))}")
-    docs = list(tasks.corpus(setup.builtin_docs, seed=seed, difficulty=setup.difficulty or None))
+    if not 0.0 <= setup.direct_rate <= 1.0:
+        raise PretrainError(f"direct_rate {setup.direct_rate} must be between 0 and 1")
+    docs = list(tasks.corpus(setup.builtin_docs, seed=seed, difficulty=setup.difficulty or None,
+                             direct_rate=setup.direct_rate))
     tokenizer = Tokenizer.load(setup.tokenizer) if setup.tokenizer else Tokenizer.train(docs, vocab_size)
     prepare_documents(docs, tokenizer, data_dir, fim_rate=setup.fim_rate, heldout_fraction=setup.heldout_fraction,
                       seed=seed)
