@@ -78,4 +78,6 @@ def test_unknown_corpus_difficulty(tmp_path, capsys):
     assert main(["pretrain", "--out-dir", str(tmp_path / "run"), *ARGS, "--difficulty", "4"]) == 2
     assert "difficulty 4 is not a level of the built-in corpus; choose 0 (mixed) or one of 1, 2, 3" in \
         capsys.readouterr().err
-    assert not (tmp_path / "run" / "data").exists()  # refused before any work
+    assert not (tmp_path / "run").exists()  # refused before any work
+    assert main(["pretrain", "--out-dir", str(tmp_path / "run"), *ARGS, "--direct-rate", "1.5"]) == 2
+    assert "direct_rate 1.5 must be between 0 and 1" in capsys.readouterr().err

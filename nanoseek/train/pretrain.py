@@ -46,6 +46,14 @@ class DataConfig:
     eval_problems: int = 50  # easy held-out problems per task for the final greedy accuracy (0: skip)
     eval_max_new_tokens: int = 128
 
+    def __post_init__(self) -> None:
+        # Checked here, before a run directory or any data is made.
+        if self.difficulty not in (0, *tasks.DIFFICULTIES):
+            raise PretrainError(f"difficulty {self.difficulty} is not a level of the built-in corpus; choose 0 "
+                                f"(mixed) or one of {', '.join(map(str, tasks.DIFFICULTIES))}")
+        if not 0.0 <= self.direct_rate <= 1.0:
+            raise PretrainError(f"direct_rate {self.direct_rate} must be between 0 and 1")
+
 
 def prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int) -> Path:
     """-> a directory of prepared shards (with its tokenizer.json)."""
@@ -60,11 +68,6 @@ def prepare_data(setup: DataConfig, data_dir: Path, vocab_size: int, seed: int) 
         prepare_files(list(setup.data), Tokenizer.load(setup.tokenizer), data_dir, fim_rate=setup.fim_rate,
                       heldout_fraction=setup.heldout_fraction, seed=seed)
         return data_dir
-    if setup.difficulty not in (0, *tasks.DIFFICULTIES):
-        raise PretrainError(f"difficulty {setup.difficulty} is not a level of the built-in corpus; choose 0 (mixed) "
-                            f"or one of {', '.join(map(str, tasks.DIFFICULTIES))}")
-    if not 0.0 <= setup.direct_rate <= 1.0:
-        raise PretrainError(f"direct_rate {setup.direct_rate} must be between 0 and 1")
     docs = list(tasks.corpus(setup.builtin_docs, seed=seed, difficulty=setup.difficulty or None,
                              direct_rate=setup.direct_rate))
     tokenizer = Tokenizer.load(setup.tokenizer) if setup.tokenizer else Tokenizer.train(docs, vocab_size)
