@@ -225,7 +225,7 @@ def _mean(values) -> float:
 
 
 # The shared loop's options with RL's defaults: a small constant learning rate, no weight decay.
-GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=180, lr=1e-4, warmup_steps=5, decay_start=1.0,
+GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=250, lr=1e-4, warmup_steps=5, decay_start=1.0,
                                   weight_decay=0.0, save_every=20, eval_every=0, keep_last=2)
 
 

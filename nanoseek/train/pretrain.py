@@ -37,10 +37,9 @@ class DataConfig:
     tokenizer: str | None = None  # a tokenizer.json to use; None trains a BPE of the preset's vocabulary size
     builtin_docs: int = 60_000  # documents of the built-in corpus when no data is given
     difficulty: int = 1  # level of the built-in corpus's problems (0: mixed, tasks.LEVEL_WEIGHTS)
-    # Share of built-in documents that state the answer with no worked steps (the base model then sometimes
-    # reasons and sometimes guesses). 0 by default: at the CPU default's size, guessing beat reasoning and
-    # R1-Zero learned to guess (docs/pretraining.md).
-    direct_rate: float = 0.0
+    # Share of built-in documents that state the answer with no worked steps: the base model then sometimes
+    # reasons and sometimes guesses, and R1-Zero learns, task by task, which of the two pays (docs/pretraining.md).
+    direct_rate: float = 0.5
     fim_rate: float = 0.1
     heldout_fraction: float = 0.02
     eval_problems: int = 50  # easy held-out problems per task for the final greedy accuracy (0: skip)
