@@ -13,35 +13,29 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.eval import EvalConfig, heldout_problems
-from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.eval import EvalConfig, heldout_problems, sample_completions
 from nanoseek.provenance import device_name, git_commit, write_result
 from nanoseek.train.rewards import final_answer
-
-GUESS_PREFIX = "The answer is"  # how the corpus's direct documents open their <think> block
 
 
 def guess_share(model_path: str, n_per_task: int, cfg: EvalConfig) -> dict[str, dict[str, float]]:
     path = resolve_checkpoint(model_path)
     model, tokenizer = load_pretrained(path), Tokenizer.load(path)
     problems = heldout_problems(n_per_task)
-    prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
-    engine = Engine(model, max_batch=64, max_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tokenizer)
-    samples = engine.generate([p for p in prompts for _ in range(cfg.k)], SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-        stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",)))
+    samples, _ = sample_completions(model, tokenizer, problems, replace(cfg, greedy=False))
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # guesses, right guesses, worked, right worked
     for i, sample in enumerate(samples):
         problem = problems[i // cfg.k]
         answer = final_answer(sample.text)
         right = answer is not None and tasks.check_answer(problem, answer)
-        guessed = sample.text.lstrip().startswith(GUESS_PREFIX)
+        guessed = sample.text.lstrip().startswith(tasks.DIRECT_ANSWER)
         row = counts[problem.task]
         row[0 if guessed else 2] += 1
         row[1 if guessed else 3] += right

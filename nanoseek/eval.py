@@ -44,17 +44,24 @@ def score_problem(problem: tasks.Problem, samples: list[str]) -> dict[str, float
             "format": sum(format_reward(Sample(problem, s)) for s in samples) / len(samples)}
 
 
-def evaluate(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Problem], cfg: EvalConfig | None = None,
-             max_batch: int = 64) -> dict[str, Any]:
-    cfg = cfg or EvalConfig()
+def sample_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Problem], cfg: EvalConfig,
+                       max_batch: int = 64) -> tuple[list[Completion], list[Completion]]:
+    """-> (k sampled completions per problem, problem by problem; one greedy completion per problem, or none
+    when cfg.greedy is off), all stopped at </answer>."""
     prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
     engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
                     tokenizer=tokenizer)
     stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
     sampled = engine.generate([p for p in prompts for _ in range(cfg.k)], SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **stop))
-    greedy: list[Completion] = (engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, **stop))
-                                if cfg.greedy else [])
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, **stop)) if cfg.greedy else []
+    return sampled, greedy
+
+
+def evaluate(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Problem], cfg: EvalConfig | None = None,
+             max_batch: int = 64) -> dict[str, Any]:
+    cfg = cfg or EvalConfig()
+    sampled, greedy = sample_completions(model, tokenizer, problems, cfg, max_batch)
     rows = []
     for i, problem in enumerate(problems):
         group = sampled[i * cfg.k:(i + 1) * cfg.k]

@@ -503,10 +503,13 @@ def format_prompt(problem: Problem) -> str:
     return f"Question: {problem.question}\n<think>\n"
 
 
+DIRECT_ANSWER = "The answer is"  # how a document without worked steps opens its <think> block
+
+
 def format_document(problem: Problem, worked: bool = True) -> str:
     """The pretraining text of one problem, in the R1-Zero answer format: the worked steps, or (worked=False)
     only a one-line guess of the answer, as text that states answers without working shows them."""
-    thought = problem.steps if worked else f"The answer is {problem.answer}."
+    thought = problem.steps if worked else f"{DIRECT_ANSWER} {problem.answer}."
     return f"{format_prompt(problem)}{thought}\n</think>\n<answer>{problem.answer}</answer>"
 
 
