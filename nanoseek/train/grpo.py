@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.config import ConfigError
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine, SamplingParams
@@ -40,6 +41,19 @@ class GRPOLossConfig:
     max_tokens: int = 256  # the constant of "constant" aggregation: the completion length budget
     scale_std: bool = True  # False is Dr. GRPO's unscaled advantage
     std_eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _need(self, self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+        _need(self, 0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
+        _need(self, self.eps_high >= 0, "eps_high", "must be >= 0")
+        _need(self, self.beta >= 0, "beta", "must be >= 0 (0 keeps no reference model)")
+        _need(self, self.max_tokens > 0, "max_tokens", "must be > 0")
+        _need(self, self.std_eps > 0, "std_eps", "must be > 0")
+
+
+def _need(config: Any, ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid GRPO option '{name}' = {getattr(config, name)!r}: {why}")
 
 
 def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -64,9 +78,16 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cfg: GRPOLossConfig, ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """logp, old_logp, ref_logp, mask (B, T) over completion tokens; advantages (B,) -> loss, stats."""
+                cfg: GRPOLossConfig, ref_logp: torch.Tensor | None = None, batch: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """logp, old_logp, ref_logp, mask (B, T) over completion tokens; advantages (B,) -> loss, stats.
+
+    batch = (sequences, completion tokens) of the whole update when these B rows are one micro-batch of it:
+    the loss and the stats are then this micro-batch's shares, which add up to the whole batch's values.
+    """
     mask = mask.to(logp.dtype)
+    rows, n = batch or (mask.shape[0], int(mask.sum()))
+    n = max(1, n)
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
@@ -75,17 +96,27 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if cfg.beta:
         per_token = per_token + cfg.beta * kl
     if cfg.aggregation == "sequence":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / rows
     elif cfg.aggregation == "token":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    elif cfg.aggregation == "constant":
-        loss = (per_token * mask).sum() / (mask.shape[0] * cfg.max_tokens)
-    else:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {cfg.aggregation!r}")
-    n = mask.sum().clamp(min=1)
+        loss = (per_token * mask).sum() / n
+    else:  # "constant" (GRPOLossConfig checks the name)
+        loss = (per_token * mask).sum() / (rows * cfg.max_tokens)
     is_clipped = ((ratio < 1 - cfg.eps_low) & (adv < 0)) | ((ratio > 1 + cfg.eps_high) & (adv > 0))
     stats = {"clip_fraction": float((is_clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n)}
     return loss, stats
+
+
+def length_buckets(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, shortest first, cut into micro-batches whose padded size (rows x longest)
+    stays within max_tokens (a longer sequence gets a micro-batch of its own): sorting first keeps the
+    padding, which costs as much compute as real tokens, small."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if buckets and (len(buckets[-1]) + 1) * lengths[i] <= max_tokens:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
 
 
 def completion_logprobs(model: DeepSeekV3, sequences: torch.Tensor, prompt_lens: torch.Tensor
@@ -119,7 +150,17 @@ class GRPOConfig:
     drop_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage)
     format_weight: float = 0.2  # the base model already writes the format; accuracy is what is to be learned
     difficulty: int | None = 1  # the held-out evaluation's level; None: the corpus's mix of levels
+    update_tokens: int = 4096  # padded tokens per forward/backward of the update (micro-batches of similar length)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+
+    def __post_init__(self) -> None:
+        _need(self, self.group_size >= 2, "group_size", "must be >= 2: the advantage compares completions of a prompt")
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "update_tokens"):
+            _need(self, getattr(self, name) > 0, name, "must be > 0")
+        _need(self, self.temperature > 0, "temperature", "must be > 0: GRPO needs different samples per prompt")
+        _need(self, 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _need(self, self.format_weight >= 0, "format_weight", "must be >= 0")
+        _need(self, self.difficulty in (None, 1, 2, 3), "difficulty", "must be 1, 2, 3 or None (the corpus's mix)")
 
 
 class ProblemStream:
@@ -179,28 +220,31 @@ class GRPOTrainer(Trainer):
         loss_value, entropy = 0.0, float("nan")
         self.model.train()
         if rows:
-            width = max(len(prompts[i // g.group_size]) + len(outs[i].tokens) for i in rows)
-            sequences = torch.full((len(rows), width), -1, dtype=torch.long)
-            for r, i in enumerate(rows):
-                seq = prompts[i // g.group_size] + outs[i].tokens
-                sequences[r, :len(seq)] = torch.tensor(seq)
-            sequences = sequences.to(self.device)
-            prompt_lens = torch.tensor([len(prompts[i // g.group_size]) for i in rows], device=self.device)
-            adv = advantages.flatten()[rows].to(self.device)
+            micro = [self._pack([rows[j] for j in bucket], prompts, outs, advantages.flatten()) for bucket in
+                     length_buckets([len(prompts[i // g.group_size]) + len(outs[i].tokens) for i in rows],
+                                    g.update_tokens)]
+            batch = (len(rows), sum(len(outs[i].tokens) for i in rows))
             autocast = self.autocast or torch.autocast("cpu", enabled=False)  # bf16 on CUDA, as in pretraining
             with torch.no_grad(), autocast:
-                old = completion_logprobs(self.model, sequences, prompt_lens)[0] if g.mu > 1 else None
-                ref = completion_logprobs(self.reference, sequences, prompt_lens)[0] if self.reference else None
+                old = [completion_logprobs(self.model, seq, lens)[0] if g.mu > 1 else None for seq, lens, _ in micro]
+                ref = [completion_logprobs(self.reference, seq, lens)[0] if self.reference else None
+                       for seq, lens, _ in micro]
             for _ in range(g.mu):
-                with autocast:
-                    logp, mask, ent = completion_logprobs(self.model, sequences, prompt_lens)
-                loss, stats = policy_loss(logp, logp.detach() if old is None else old, adv, mask, g.loss, ref)
-                loss.backward()
+                loss_value, entropy_sum = 0.0, 0.0
+                stats = {"clip_fraction": 0.0, "kl": 0.0}
+                for (seq, lens, adv), old_logp, ref_logp in zip(micro, old, ref, strict=True):
+                    with autocast:
+                        logp, mask, ent = completion_logprobs(self.model, seq, lens)
+                    loss, part = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
+                                             g.loss, ref_logp, batch=batch)
+                    loss.backward()
+                    loss_value += float(loss.detach())
+                    entropy_sum += float((ent.detach() * mask).sum())
+                    stats = {k: stats[k] + part[k] for k in stats}
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                loss_value = float(loss.detach())
-                entropy = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+                entropy = entropy_sum / max(1, batch[1])
         self.step += 1
         lengths = [len(o.tokens) for o in outs]
         sample_tasks = [problems[i // g.group_size].task for i in range(len(outs))]
@@ -217,6 +261,19 @@ class GRPOTrainer(Trainer):
                   "update_time": elapsed - (generated - start), "step_time": elapsed,
                   "tokens_per_s": sum(lengths) / elapsed}
         return record
+
+    def _pack(self, rows: list[int], prompts: list[list[int]], outs: list, advantages: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Completions `rows` with their prompts -> sequences (rows, longest) right-padded with -1, prompt
+        lengths (rows,) and advantages (rows,), on the model's device."""
+        g = self.grpo.group_size
+        sequences = torch.full((len(rows), max(len(prompts[i // g]) + len(outs[i].tokens) for i in rows)), -1,
+                               dtype=torch.long)
+        for r, i in enumerate(rows):
+            seq = prompts[i // g] + outs[i].tokens
+            sequences[r, :len(seq)] = torch.tensor(seq)
+        prompt_lens = torch.tensor([len(prompts[i // g]) for i in rows])
+        return sequences.to(self.device), prompt_lens.to(self.device), advantages[rows].to(self.device)
 
 
 def _mean(values) -> float:
