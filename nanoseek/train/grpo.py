@@ -193,7 +193,7 @@ class GRPOTrainer(Trainer):
         self.grpo, self.tokenizer = grpo, tokenizer
         self.rewards = rewards or r1_zero_rewards(format_weight=grpo.format_weight)
         self.engine = Engine(self.model, max_batch=grpo.prompts_per_step * grpo.group_size,
-                             max_len=512 + grpo.max_new_tokens)
+                             max_len=512 + grpo.max_new_tokens, tokenizer=tokenizer)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if grpo.loss.beta else None
 
     def train_step(self) -> dict[str, Any]:
@@ -206,7 +206,7 @@ class GRPOTrainer(Trainer):
         prompts = [tok.encode(tasks.format_prompt(p), bos=True) for p in problems]
         outs = self.engine.generate([p for p in prompts for _ in range(g.group_size)], SamplingParams(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=(tok.eos_id,),
-            seed=cfg.seed * 1_000_003 + self.step * 10_007))
+            stop_strings=("</answer>",), seed=cfg.seed * 1_000_003 + self.step * 10_007))  # stops as the evaluation
         generated = time.perf_counter()
         scores = []
         for i, out in enumerate(outs):
@@ -282,7 +282,7 @@ def _mean(values) -> float:
 
 
 # The shared loop's options with RL's defaults: a small constant learning rate, no weight decay.
-GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=250, lr=1e-4, warmup_steps=5, decay_start=1.0,
+GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=320, lr=1.5e-4, warmup_steps=5, decay_start=1.0,
                                   weight_decay=0.0, save_every=20, eval_every=0, keep_last=2)
 
 
