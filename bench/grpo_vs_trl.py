@@ -12,7 +12,8 @@ same number of steps with the same settings:
               reward function (TRL's reward_weights = nanoseek's weights), called on the completion decoded by
               nanoseek's tokenizer from TRL's completion_ids (eos removed) and the problem's dataset columns.
   sampling    G completions per prompt, up to --max-new-tokens, temperature --temperature, top_p 1, no top-k,
-              stopping at eos (the eos token is part of the completion and of the loss in both).
+              stopping at eos (the eos token is part of the completion and of the loss in both; nanoseek's
+              stop at </answer> is turned off, as TRL has none).
   loss        the clipped surrogate with eps_low/eps_high, beta * k3 KL against the initial model, advantages
               (r - group mean) / (group std + 1e-4) (--no-scale-std: r - mean), aggregated over all tokens
               (nanoseek "token" = TRL "dapo"), per sequence ("sequence" = "grpo") or over G * B * max tokens
@@ -271,7 +272,7 @@ def run_nanoseek(args, hf_dir: Path, tokenizer: Tokenizer, train_cfg: TrainConfi
     grpo = GRPOConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0, mu=args.mu,
                       drop_uninformative=args.drop_uninformative, format_weight=args.format_weight,
-                      difficulty=args.difficulty,
+                      difficulty=args.difficulty, stop_at_answer=False,
                       loss=GRPOLossConfig(eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                                           aggregation=args.aggregation, max_tokens=args.max_new_tokens,
                                           scale_std=args.scale_std))

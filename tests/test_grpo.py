@@ -262,3 +262,13 @@ def test_grpo_resume_is_exact_with_real_updates(tmp_path):
         assert torch.equal(resumed.model.state_dict()[name], value), name
     a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["reward"] for r in a] == [r["reward"] for r in b] and len({r["reward"] for r in a}) > 1
+
+
+@pytest.mark.parametrize("stop_at_answer,expected", [(True, ("</answer>",)), (False, ())])
+def test_rollouts_stop_at_the_answer_like_the_evaluation(tmp_path, stop_at_answer, expected):
+    trainer = _tiny_grpo_trainer(tmp_path, stop_at_answer=stop_at_answer)
+    seen = []
+    generate = trainer.engine.generate
+    trainer.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
+    trainer.train_step()
+    assert seen[0].stop_strings == expected and seen[0].stop_ids == (trainer.tokenizer.eos_id,)

@@ -151,6 +151,7 @@ class GRPOConfig:
     format_weight: float = 0.2  # the base model already writes the format; accuracy is what is to be learned
     difficulty: int | None = 1  # the held-out evaluation's level; None: the corpus's mix of levels
     update_tokens: int = 4096  # padded tokens per forward/backward of the update (micro-batches of similar length)
+    stop_at_answer: bool = True  # rollouts end at </answer> as the evaluation's do (else only at eos or the limit)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
 
     def __post_init__(self) -> None:
@@ -206,7 +207,7 @@ class GRPOTrainer(Trainer):
         prompts = [tok.encode(tasks.format_prompt(p), bos=True) for p in problems]
         outs = self.engine.generate([p for p in prompts for _ in range(g.group_size)], SamplingParams(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=(tok.eos_id,),
-            stop_strings=("</answer>",), seed=cfg.seed * 1_000_003 + self.step * 10_007))  # stops as the evaluation
+            stop_strings=("</answer>",) if g.stop_at_answer else (), seed=cfg.seed * 1_000_003 + self.step * 10_007))
         generated = time.perf_counter()
         scores = []
         for i, out in enumerate(outs):
@@ -282,7 +283,7 @@ def _mean(values) -> float:
 
 
 # The shared loop's options with RL's defaults: a small constant learning rate, no weight decay.
-GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=320, lr=1.5e-4, warmup_steps=5, decay_start=1.0,
+GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=300, lr=1.5e-4, warmup_steps=5, decay_start=1.0,
                                   weight_decay=0.0, save_every=20, eval_every=0, keep_last=2)
 
 
