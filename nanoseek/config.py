@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ from nanoseek.errors import NanoseekError
 
 
 class ConfigError(NanoseekError, ValueError):
-    """An invalid model configuration; the message names the offending field."""
+    """An invalid configuration; the message names the offending field."""
+
+
+def require(config: Any, ok: bool, name: str, why: str, kind: str = "config field") -> None:
+    """Unless ok, raise a ConfigError naming the field `name` of config, its value, and why it is wrong."""
+    if not ok:
+        raise ConfigError(f"invalid {kind} '{name}' = {getattr(config, name)!r}: {why}")
 
 
 @dataclass
@@ -105,9 +112,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def need(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"invalid config field '{name}' = {getattr(self, name)!r}: {why}")
+        need = partial(require, self)
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):

@@ -13,6 +13,7 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
-from nanoseek.config import ConfigError
+from nanoseek.config import require
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine, SamplingParams
@@ -51,9 +52,7 @@ class GRPOLossConfig:
         _need(self, self.std_eps > 0, "std_eps", "must be > 0")
 
 
-def _need(config: Any, ok: bool, name: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid GRPO option '{name}' = {getattr(config, name)!r}: {why}")
+_need = partial(require, kind="GRPO option")
 
 
 def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:

@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoseek.atomic import replace_directory, write_text
 from nanoseek.checkpoint import load_pretrained
-from nanoseek.config import ConfigError
+from nanoseek.config import require
 from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.attention import MultiHeadLatentAttention
@@ -84,9 +85,7 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, why: str) -> None:
-            if not ok:
-                raise ConfigError(f"invalid training option '{name}' = {getattr(self, name)!r}: {why}")
+        need = partial(require, self, kind="training option")
 
         need(self.recompute in ("none", "selective", "full"), "recompute", "must be 'none', 'selective' or 'full'")
         need(self.precision in ("auto", "bf16", "fp32", "fp8"), "precision", "must be 'auto', 'bf16', 'fp32' or 'fp8'")
