@@ -74,7 +74,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         with tempfile.TemporaryDirectory() as tmp:  # the same weights, through nanoseek's HF export
-            model.save_pretrained(tmp)
+            nanoseek.save_pretrained(model, tmp)
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
         hf.generation_config.pad_token_id = 0
 

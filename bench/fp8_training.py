@@ -25,12 +25,13 @@ import torch
 
 from nanoseek.config import get_preset
 from nanoseek.data import tasks
-from nanoseek.data.shards import TokenLoader, heldout_batches, prepare_documents
+from nanoseek.data.shards import TokenLoader, prepare_documents
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.fp8 import GEMM_PATHS
 from nanoseek.provenance import device_name, git_commit, write_result
 from nanoseek.train.loop import TrainConfig, Trainer
+from nanoseek.train.pretrain import LanguageModelStage, PretrainConfig
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -59,13 +60,14 @@ def run(precision: str, args: argparse.Namespace, data: Path, overrides: dict[st
                                              eos_token_id=tokenizer.eos_id, **overrides)
     torch.manual_seed(args.seed)
     model = DeepSeekV3(config)
-    cfg = TrainConfig(out_dir=str(work / precision), max_steps=args.steps, seq_len=args.seq_len,
-                      batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
+    cfg = TrainConfig(out_dir=str(work / precision), max_steps=args.steps, lr=args.lr,
                       warmup_steps=max(1, args.steps // 20), eval_every=0, save_every=0, tensorboard=False,
                       seed=args.seed, precision=precision, recompute=args.recompute)
-    trainer = Trainer(model, TokenLoader(data, "train", seq_len=args.seq_len, seed=args.seed), cfg,
-                      heldout=lambda: list(heldout_batches(data, args.seq_len, args.micro_batch_size,
-                                                           args.eval_batches)))
+    batches = PretrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                             eval_batches=args.eval_batches)
+    stage = LanguageModelStage(TokenLoader(data, "train", seq_len=args.seq_len, seed=args.seed), batches, config,
+                               heldout_data=data)
+    trainer = Trainer(model, stage, cfg)
     if trainer.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -77,7 +79,7 @@ def run(precision: str, args: argparse.Namespace, data: Path, overrides: dict[st
     tail = records[-max(1, len(records) // 10):]
     result = {
         "precision": precision, "params": sum(p.numel() for p in model.parameters()),
-        "heldout_loss": trainer.evaluate()["loss"],
+        "heldout_loss": stage.evaluate(trainer)["loss"],
         "train_lm_loss_last_10pct": sum(r["lm_loss"] for r in tail) / len(tail),
         "tokens_per_s": sum(r["tokens_per_s"] * r["step_time"] for r in timed) / sum(r["step_time"] for r in timed),
         "mfu": sum(r.get("mfu", 0.0) for r in timed) / len(timed) if "mfu" in timed[0] else None,

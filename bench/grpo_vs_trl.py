@@ -1,4 +1,4 @@
-"""R1-Zero GRPO: nanoseek's GRPOTrainer against TRL's GRPOTrainer, from the same weights, in the same run.
+"""R1-Zero GRPO: nanoseek's GRPO stage against TRL's GRPOTrainer, from the same weights, in the same run.
 
 Both trainers start from one nanoseek model exported to the Hugging Face format (save_pretrained; transformers
 loads it as DeepseekV3ForCausalLM, the tokenizer as a PreTrainedTokenizerFast saved beside it) and train for the
@@ -28,7 +28,7 @@ same number of steps with the same settings:
 
 Time per step: wall time from the start of a step (sampling included) to the end of the optimizer step, with a CUDA
 synchronisation at both ends (TRL: a TrainerCallback's on_step_begin/on_step_end; nanoseek: around
-GRPOTrainer.train_step). The mean excludes the first step (warm-up, CUDA graph capture). Rewards per step: the
+Trainer.train_step). The mean excludes the first step (warm-up, CUDA graph capture). Rewards per step: the
 mean total and the mean of each reward function over the step's G * B completions (TRL's logged `reward`,
 `rewards/<name>/mean`; nanoseek's `reward`, `reward_<name>`).
 
@@ -73,15 +73,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint, save_pretrained
 from nanoseek.config import get_preset
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import BOS, EOS, PAD, Tokenizer
 from nanoseek.model import DeepSeekV3
 from nanoseek.provenance import device_name, git_commit, write_result
-from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOLossConfig, GRPOTrainer, ProblemStream
+from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOLossConfig, ProblemStream, grpo_trainer
 from nanoseek.train.loop import TrainConfig, learning_rate
-from nanoseek.train.rewards import RewardSet, Sample, r1_zero_rewards
+from nanoseek.rewards import RewardSet, Sample, r1_zero_rewards
 
 LOSS_TYPES = {"token": "dapo", "sequence": "grpo", "constant": "dr_grpo"}  # nanoseek aggregation -> TRL loss_type
 # DeepSeek-V3/R1's chat format (nanoseek.data.tokenizer.apply_chat_template) for the exported tokenizer; the
@@ -128,7 +128,7 @@ def export_hf(model: DeepSeekV3, tokenizer: Tokenizer, directory: Path):
     """The model as a HF DeepSeek-V3 directory with its tokenizer as a PreTrainedTokenizerFast; -> that tokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    model.save_pretrained(directory)
+    save_pretrained(model, directory)
     file = tokenizer.save(directory)
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                      padding_side="left")
@@ -277,7 +277,7 @@ def run_nanoseek(args, hf_dir: Path, tokenizer: Tokenizer, train_cfg: TrainConfi
                                           aggregation=args.aggregation, max_tokens=args.max_new_tokens,
                                           scale_std=args.scale_std))
     with autocast_ctx(device, bf16):
-        trainer = GRPOTrainer(model, tokenizer, ProblemStream(args.seed, args.difficulty), train_cfg, grpo)
+        trainer = grpo_trainer(model, tokenizer, train_cfg, grpo)
     records, times = [], []
     started = time.perf_counter()
     for _ in range(args.steps):
@@ -333,7 +333,7 @@ def differences(args, device: torch.device) -> list[str]:
         ("MTP removed in both; TRL's MoE auxiliary loss off (router_aux_loss_coef 0), nanoseek's GRPO step has no "
          "balance loss and no router-bias update"),
         ("step time: TRL's from a TrainerCallback (on_step_begin to on_step_end; its logging after the step is not "
-         "counted), nanoseek's around GRPOTrainer.train_step"),
+         "counted), nanoseek's around Trainer.train_step"),
     ]
     if args.mu > 1:
         out.append("mu > 1: TRL counts each update as a trainer step; its times are summed per batch of rollouts")

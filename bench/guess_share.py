@@ -22,7 +22,7 @@ from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.eval import EvalConfig, heldout_problems, sample_completions
 from nanoseek.provenance import device_name, git_commit, write_result
-from nanoseek.train.rewards import final_answer
+from nanoseek.rewards import final_answer
 
 
 def guess_share(model_path: str, n_per_task: int, cfg: EvalConfig) -> dict[str, dict[str, float]]:

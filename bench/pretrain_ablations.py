@@ -22,7 +22,7 @@ from nanoseek.config import get_preset
 from nanoseek.provenance import device_name, git_commit, write_result
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.pretrain import DataConfig, pretrain
+from nanoseek.train.pretrain import PretrainConfig, pretrain
 
 VARIANTS = {
     # name: (bias update speed gamma, sequence-wise balance loss alpha, MTP weight)
@@ -59,17 +59,18 @@ def main() -> None:
 
     device = device_name("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(args.preset)
-    base = TrainConfig(max_steps=args.max_steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                       micro_batch_size=args.micro_batch_size, eval_every=max(1, args.max_steps // 4),
-                       eval_batches=16, save_every=args.max_steps, keep_last=1, tensorboard=False,
-                       warmup_steps=max(1, args.max_steps // 20))
-    data = DataConfig(preset=args.preset, builtin_docs=args.builtin_docs, eval_problems=0)
+    base = TrainConfig(max_steps=args.max_steps, eval_every=max(1, args.max_steps // 4), save_every=args.max_steps,
+                       keep_last=1, tensorboard=False, warmup_steps=max(1, args.max_steps // 20))
+    data = PretrainConfig(preset=args.preset, builtin_docs=args.builtin_docs, eval_problems=0, seq_len=args.seq_len,
+                          batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, eval_batches=16)
     shared_data = Path(args.out_dir) / "data"
     results = {}
     for name in args.variants:
         out = Path(args.out_dir) / name
-        train = replace(base, out_dir=str(out), **VARIANTS[name])
-        setup = replace(data, data=(str(shared_data),)) if (shared_data / "meta.json").is_file() else data
+        train_options = {k: v for k, v in VARIANTS[name].items() if k in ("bias_update_speed", "aux_alpha")}
+        train = replace(base, out_dir=str(out), **train_options)
+        setup = replace(data, **{k: v for k, v in VARIANTS[name].items() if k not in train_options})
+        setup = replace(setup, data=(str(shared_data),)) if (shared_data / "meta.json").is_file() else setup
         start = time.perf_counter()
         pretrain(setup, train, progress=True)
         if not (shared_data / "meta.json").is_file():

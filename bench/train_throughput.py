@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import nanoseek
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.moe import RoutedExperts
@@ -323,7 +324,7 @@ def main() -> None:
 
             transformers.logging.set_verbosity_error()  # the MTP layer is an expected "unexpected key"
             result["transformers"] = transformers.__version__
-            build_nanoseek(config, device, dtype, args.seed, mtp=True).save_pretrained(hf_dir)
+            nanoseek.save_pretrained(build_nanoseek(config, device, dtype, args.seed, mtp=True), hf_dir)
         for run in runs:
             try:
                 r = measure(run, config, hf_dir, data, args, device, dtype)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.checkpoint import load_pretrained, save_pretrained
 from nanoseek.config import PRESETS, ConfigError, ModelConfig, get_preset
 from nanoseek.model import DeepSeekV3
 
@@ -19,8 +20,6 @@ def from_pretrained(path_or_preset: str | Path, dtype: torch.dtype | None = None
         torch.manual_seed(seed)
         model = DeepSeekV3(get_preset(str(path_or_preset)))
         return model.to(device=device, dtype=dtype)
-    from nanoseek.checkpoint import load_pretrained
-
     path = Path(path_or_preset)
     if not path.exists():
         raise FileNotFoundError(f"{str(path_or_preset)!r} is neither a checkpoint directory nor a preset "
@@ -28,4 +27,4 @@ def from_pretrained(path_or_preset: str | Path, dtype: torch.dtype | None = None
     return load_pretrained(path, dtype=dtype, device=device)
 
 
-__all__ = ["DeepSeekV3", "ModelConfig", "ConfigError", "PRESETS", "get_preset", "from_pretrained"]
+__all__ = ["DeepSeekV3", "ModelConfig", "ConfigError", "PRESETS", "get_preset", "from_pretrained", "save_pretrained"]

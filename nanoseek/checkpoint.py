@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from nanoseek.atomic import replace_directory
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.model.fp8 import BLOCK, dequantize_blockwise, quantize_blockwise
+from nanoseek.model.quant import BLOCK, dequantize_blockwise, quantize_blockwise
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import DeepSeekV3
 

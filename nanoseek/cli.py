@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
-import types
-import typing
+from pathlib import Path
 
 from nanoseek.config import PRESETS, ModelConfig, get_preset
 from nanoseek.errors import NanoseekError
+from nanoseek.options import (HelpFormatter, add_dataclass_options, fraction, from_args, non_negative_float,
+                              non_negative_int, positive_int, probability)
 
 
 def _human(n: int) -> str:
@@ -49,59 +50,43 @@ def plan(args: argparse.Namespace) -> None:
 
     config = ModelConfig.load(args.config) if args.config else get_preset(args.preset)
     print(f"model {args.config or args.preset}")
-    print(format_plan(run(config, _from_args(Cluster, args), _from_args(PlanLayout, args), _from_args(Workload, args))))
-
-
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
-                           defaults=None) -> None:
-    """One --option per field of a config dataclass, typed and defaulted from the field (one source of truth),
-    or from a `defaults` instance where a stage's defaults differ."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = getattr(defaults, f.name) if defaults is not None else f.default
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, nargs="+", default=default)
-        else:
-            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper())
-
-
-def _from_args(cls: type, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names})
+    print(format_plan(run(config, from_args(Cluster, args), from_args(PlanLayout, args), from_args(Workload, args))))
 
 
 def pretrain(args: argparse.Namespace) -> None:
+    from nanoseek.options import from_args, given_options
     from nanoseek.train.loop import TrainConfig
-    from nanoseek.train.pretrain import DataConfig
+    from nanoseek.train.pretrain import PretrainConfig
     from nanoseek.train.pretrain import pretrain as run
 
-    report = run(_from_args(DataConfig, args), _from_args(TrainConfig, args), resume=args.resume)
-    if report.get("task_accuracy"):
-        print(f"held-out loss {report['heldout_loss']:.3f} (unigram baseline {report['unigram_loss']:.3f}); "
-              f"greedy accuracy on easy problems {100 * report['task_accuracy']['mean']:.0f}%; "
-              f"report: {args.out_dir}/report.md")
-    elif report.get("stopped") is not None:
+    if args.resume:  # the run's own saved settings, changed only by the options given now
+        report = run(resume=True, changes={**given_options(args.parser, args, args.argv), "out_dir": args.out_dir})
+    else:
+        report = run(from_args(PretrainConfig, args), from_args(TrainConfig, args))
+    if report.get("stopped") is not None:
         print(f"stopped at step {report['step']}; resume with: nanoseek pretrain --resume --out-dir {args.out_dir}")
+        return
+    accuracy = report["task_accuracy"]
+    print(f"held-out loss {report['heldout_loss']:.3f} (unigram baseline {report['unigram_loss']:.3f})"
+          + (f"; greedy accuracy on easy problems {100 * accuracy['mean']:.0f}%" if accuracy else "")
+          + f"; {report['steps']} steps in {report['minutes']:.1f} min; report: {args.out_dir}/report.md")
 
 
 def grpo(args: argparse.Namespace) -> None:
+    from nanoseek.options import from_args, given_options
     from nanoseek.train.grpo import GRPOConfig, GRPOLossConfig, run_grpo
     from nanoseek.train.loop import TrainConfig
 
-    loss = _from_args(GRPOLossConfig, args)
-    settings = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(GRPOConfig)}}
-    result = run_grpo(args.model, _from_args(TrainConfig, args), GRPOConfig(**{**settings, "loss": loss}),
-                      resume=args.resume)
-    print(f"stopped at step {result['step']}" if result["stopped"] is not None else
-          f"finished {result['step']} steps; checkpoints in {args.out_dir}/checkpoints, plots in {args.out_dir}/plots")
+    if args.resume:  # the run's own saved settings, changed only by the options given now
+        result = run_grpo(resume=True, changes={**given_options(args.parser, args, args.argv), "out_dir": args.out_dir})
+    else:
+        config = GRPOConfig(**{**vars(from_args(GRPOConfig, args)), "loss": from_args(GRPOLossConfig, args)})
+        result = run_grpo(config, from_args(TrainConfig, args))
+    if result["stopped"] is not None:
+        print(f"stopped at step {result['step']}; resume with: nanoseek grpo --resume --out-dir {args.out_dir}")
+    else:
+        print(f"finished {result['step']} steps; report: {args.out_dir}/report.md, checkpoints in "
+              f"{args.out_dir}/checkpoints, plots in {args.out_dir}/plots")
 
 
 def pipeline(args: argparse.Namespace) -> None:
@@ -120,6 +105,9 @@ def tokenizer_train(args: argparse.Namespace) -> None:
 
     tokenizer = Tokenizer.train(read_documents(args.files), args.vocab_size)
     tokenizer.save(args.out)
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"nanoseek: warning: the corpus supports only {tokenizer.vocab_size} tokens; asked for "
+              f"{args.vocab_size} (byte-pair merges ran out: more text makes more tokens)", file=sys.stderr)
     print(f"wrote {args.out} ({tokenizer.vocab_size} tokens)")
 
 
@@ -133,21 +121,33 @@ def data_prepare(args: argparse.Namespace) -> None:
 
 
 def _load_for_inference(args: argparse.Namespace):
-    """-> (engine, tokenizer) for --model: a checkpoint directory, or a run directory (its latest checkpoint)."""
+    """-> (model, tokenizer) for --model: a checkpoint directory, or a run directory (its latest checkpoint)."""
     import torch
 
     import nanoseek
     from nanoseek.checkpoint import resolve_checkpoint
     from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.infer.engine import Engine
 
     path = resolve_checkpoint(args.model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass --model a checkpoint directory or a training run's "
+                                "directory (`nanoseek pretrain` writes runs/pretrain)")
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path} has no tokenizer.json; pass a checkpoint directory that holds one "
                                 "(the `model/` of a nanoseek checkpoint does)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = Tokenizer.load(path)
     model = nanoseek.from_pretrained(path, device=device)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {path} ({_human(params)} parameters, {device})", file=sys.stderr)
+    return model, tokenizer
+
+
+def _engine(args: argparse.Namespace):
+    """-> (engine, tokenizer) for generate and chat."""
+    from nanoseek.infer.engine import Engine
+
+    model, tokenizer = _load_for_inference(args)
     return Engine(model, max_batch=args.max_batch, max_len=args.max_len, tokenizer=tokenizer), tokenizer
 
 
@@ -160,11 +160,11 @@ def _sampling(args: argparse.Namespace, tokenizer):
 
 
 def generate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from nanoseek.infer.chat import generate_file, read_prompts
 
-    engine, tokenizer = _load_for_inference(args)
+    if Path(args.out).exists() and not args.overwrite:
+        raise NanoseekError(f"{args.out} already exists; pass --overwrite to replace it, or --out another file")
+    engine, tokenizer = _engine(args)
     prompts = read_prompts(Path(args.prompts))
     generate_file(engine, tokenizer, prompts, Path(args.out), args.template, _sampling(args, tokenizer))
     print(f"wrote {len(prompts)} completions to {args.out}")
@@ -173,66 +173,99 @@ def generate(args: argparse.Namespace) -> None:
 def chat(args: argparse.Namespace) -> None:
     from nanoseek.infer.chat import chat as run
 
-    engine, tokenizer = _load_for_inference(args)
+    engine, tokenizer = _engine(args)
     run(engine, tokenizer, args.template, _sampling(args, tokenizer))
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from nanoseek.eval import EvalConfig, format_table, heldout_problems
     from nanoseek.eval import evaluate as run
 
-    engine, tokenizer = _load_for_inference(args)
+    model, tokenizer = _load_for_inference(args)
     cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, greedy=not args.no_greedy)
-    report = run(engine.model, tokenizer, heldout_problems(args.problems, args.difficulty, args.seed), cfg,
-                 max_batch=args.max_batch)
+    report = run(model, tokenizer, heldout_problems(args.problems, args.difficulty, args.seed), cfg,
+                 max_batch=args.max_batch, progress=True)
     print(format_table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _add_inference_options(parser: argparse.ArgumentParser, temperature: float) -> None:
+def _add_model_source(parser: argparse.ArgumentParser, preset: str) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=preset, choices=list(PRESETS), help="a model preset")
+    source.add_argument("--config", help="a config.json, or a checkpoint directory holding one (instead of --preset)")
+
+
+def _add_inference_options(parser: argparse.ArgumentParser, temperature: float, prompts: bool = True) -> None:
+    """The options of the commands that sample from a model; prompts: also those of free-form prompts (the
+    template, stop strings, top-k, the cache length), which `eval` sets itself."""
     from nanoseek.infer.chat import TEMPLATES
 
-    parser.add_argument("--model", default="runs/pretrain", help="a checkpoint directory, or a run directory")
+    parser.add_argument("--model", default="runs/pretrain",
+                        help="a checkpoint directory, or a training run's directory (its latest checkpoint)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per completion, "
+                        "at most")
+    parser.add_argument("--temperature", type=non_negative_float, default=temperature,
+                        help="sampling temperature (0 is greedy)")
+    parser.add_argument("--top-p", type=probability, default=0.95,
+                        help="nucleus sampling: keep the most likely tokens up to this probability (1 keeps all)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the i-th completion samples with seed + i)")
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="sequences decoded together (cache slots)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    if not prompts:
+        return
     parser.add_argument("--template", default="question", choices=TEMPLATES,
-                        help="how a message becomes a prompt (`question` is the built-in corpus's format)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--stop", nargs="*", default=[], help="stop strings (the eos token always stops)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (cache slots)")
-    parser.add_argument("--max-len", type=int, default=None, help="tokens per sequence the cache holds")
-    parser.add_argument("--device", default="auto")
+                        help="how a message becomes a prompt: question (the built-in corpus's format), chat "
+                             "(DeepSeek's chat format), r1-zero (the R1-Zero prompt), raw (the text as it is)")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 keeps all)")
+    parser.add_argument("--stop", nargs="*", default=[], metavar="TEXT",
+                        help="strings that end a completion (the end-of-sentence token always does)")
+    parser.add_argument("--max-len", type=positive_int, default=None,
+                        help="tokens per sequence the cache holds, prompt included (None: the model's context "
+                             "length, at most 4096)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from nanoseek.train.loop import TrainConfig
-    from nanoseek.train.pretrain import DataConfig
+def _os_error_message(e: OSError) -> str:
+    """An OSError as one line that names its path (and, where a directory was needed, the file in the way)."""
+    if e.filename is None:
+        return str(e)
+    path = Path(os.fsdecode(e.filename))
+    if isinstance(e, FileExistsError) and path.exists() and not path.is_dir():  # mkdir of an existing file
+        return f"{path} is a file, not a directory"
+    if isinstance(e, NotADirectoryError):  # a path through a file
+        in_the_way = next((p for p in path.parents if p.exists()), None)
+        if in_the_way is not None and not in_the_way.is_dir():
+            return f"{path}: {in_the_way} is a file, not a directory"
+    target = f"{path} -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else str(path)
+    return f"{target}: {e.strerror or e}"
 
-    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 + R1 in one PyTorch package")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `nanoseek` parser: a subcommand per stage, each option with its help, default and choices."""
+    from nanoseek.eval import EvalConfig
+    from nanoseek.train.loop import RESUMABLE_CHANGES, TrainConfig
+    from nanoseek.train.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 + R1 in one PyTorch package",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="print a model's shape and parameter counts (no memory used)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="small", choices=list(PRESETS))
-    src.add_argument("--config", help="a config.json or a checkpoint directory")
+    def command(group, name: str, about: str) -> argparse.ArgumentParser:
+        return group.add_parser(name, help=about, description=about, formatter_class=HelpFormatter)
+
+    p = command(sub, "info", "print a model's shape and parameter counts (no memory used)")
+    _add_model_source(p, "small")
     p.set_defaults(func=info)
 
     from nanoseek.parallel.plan import Cluster, PlanLayout, Workload
 
-    p = sub.add_parser("plan", help="plan a cluster run on paper: memory per GPU, pipeline bubbles, all-to-all "
-                       "traffic, GPU-hours per trillion tokens", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="v3-671b", choices=list(PRESETS))
-    src.add_argument("--config", help="a config.json or a checkpoint directory")
-    _add_dataclass_options(p, Cluster)
-    _add_dataclass_options(p, PlanLayout)
-    _add_dataclass_options(p, Workload)
+    p = command(sub, "plan", "plan a cluster run on paper: memory per GPU, pipeline bubbles, all-to-all traffic, "
+                "GPU-hours per trillion tokens")
+    _add_model_source(p, "v3-671b")
+    add_dataclass_options(p, Cluster)
+    add_dataclass_options(p, PlanLayout)
+    add_dataclass_options(p, Workload)
     p.set_defaults(func=plan)
 
     p = sub.add_parser("pipeline", help="the whole embedded pipeline: pretrain -> evaluate -> R1-Zero -> evaluate, "
@@ -243,71 +276,97 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=pipeline)
 
     p = sub.add_parser("pretrain", help="pretrain a model (no arguments: `small` on the built-in corpus)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
-    _add_dataclass_options(p, DataConfig)
-    _add_dataclass_options(p, TrainConfig)
-    p.set_defaults(func=pretrain)
+                       formatter_class=HelpFormatter)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir with its own saved settings (options given now may change "
+                        "only " + ", ".join(RESUMABLE_CHANGES) + ")")
+    add_dataclass_options(p, PretrainConfig)
+    add_dataclass_options(p, TrainConfig)
+    p.set_defaults(func=pretrain, parser=p)
 
-    from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOLossConfig
+    from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPO_UNUSED_OPTIONS, GRPOConfig, GRPOLossConfig
 
     p = sub.add_parser("grpo", help="R1-Zero: GRPO with rule-based rewards on the built-in tasks, from a base model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="runs/pretrain", help="the base model: a checkpoint or a run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its latest checkpoint")
-    _add_dataclass_options(p, GRPOConfig, skip=("loss",))
-    _add_dataclass_options(p, GRPOLossConfig)
-    _add_dataclass_options(p, TrainConfig, defaults=GRPO_TRAIN_DEFAULTS)
-    p.set_defaults(func=grpo)
+                       formatter_class=HelpFormatter)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir with its own saved settings (options given now may change "
+                        "only " + ", ".join(RESUMABLE_CHANGES) + ")")
+    add_dataclass_options(p, GRPOConfig, skip=("loss",))
+    add_dataclass_options(p, GRPOLossConfig)
+    add_dataclass_options(p, TrainConfig, skip=GRPO_UNUSED_OPTIONS, defaults=GRPO_TRAIN_DEFAULTS)
+    p.set_defaults(func=grpo, parser=p)
 
-    p = sub.add_parser("generate", help="complete a file of prompts (.txt lines or .jsonl \"prompt\") into JSONL",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("prompts")
-    p.add_argument("--out", default="completions.jsonl")
+    p = command(sub, "generate", "complete a file of prompts (.txt lines or .jsonl \"prompt\") into JSONL: per prompt "
+                "its reasoning_content (before </think>) and content (the answer after it)")
+    p.add_argument("prompts", help="a .txt file (a prompt per line) or .jsonl (a \"prompt\" field per line)")
+    p.add_argument("--out", default="completions.jsonl", help="the JSONL file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_inference_options(p, temperature=0.0)
     p.set_defaults(func=generate)
 
-    p = sub.add_parser("chat", help="talk to a model in the terminal; its thinking is shown apart from the answer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command(sub, "chat", "talk to a model in the terminal; its thinking is shown apart from the answer")
     _add_inference_options(p, temperature=0.6)
     p.set_defaults(func=chat)
 
-    p = sub.add_parser("eval", help="pass@1 over k samples, cons@k, greedy accuracy and format rate on held-out "
-                       "built-in problems", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_inference_options(p, temperature=0.6)
-    p.add_argument("--k", type=int, default=8, help="samples per problem")
-    p.add_argument("--problems", type=int, default=30, help="distinct held-out problems per task")
-    p.add_argument("--difficulty", type=int, default=1, choices=(1, 2, 3))
+    defaults = EvalConfig()
+    p = command(sub, "eval", "pass@1 over k samples, cons@k, greedy accuracy and format rate on held-out built-in "
+                "problems")
+    _add_inference_options(p, temperature=defaults.temperature, prompts=False)
+    p.add_argument("--k", type=positive_int, default=defaults.k, help="samples per problem")
+    p.add_argument("--problems", type=positive_int, default=30, help="distinct held-out problems per task")
+    p.add_argument("--difficulty", type=int, default=1, choices=(1, 2, 3), help="level of the problems")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
-    p.add_argument("--out", help="write the report as JSON")
-    p.set_defaults(func=evaluate, max_new_tokens=160, max_batch=64)
+    p.add_argument("--out", help="also write the report to this JSON file")
+    p.set_defaults(func=evaluate, max_new_tokens=defaults.max_new_tokens, top_p=defaults.top_p, max_batch=64)
 
-    p = sub.add_parser("tokenizer", help="tokenizer tools")
-    tok = p.add_subparsers(dest="action", required=True)
-    t = tok.add_parser("train", help="train a byte-level BPE with DeepSeek's special tokens")
+    p = command(sub, "tokenizer", "tokenizer tools")
+    t = command(p.add_subparsers(dest="action", required=True), "train",
+                "train a byte-level BPE with DeepSeek's special tokens")
     t.add_argument("files", nargs="+", help="text, JSONL (`text` field) or Parquet files, or directories")
-    t.add_argument("--vocab-size", type=int, default=32768)
-    t.add_argument("--out", default="tokenizer.json")
+    t.add_argument("--vocab-size", type=positive_int, default=32768,
+                   help="tokens wanted (a small corpus may support fewer)")
+    t.add_argument("--out", default="tokenizer.json", help="the tokenizer.json to write (or a directory)")
     t.set_defaults(func=tokenizer_train)
 
-    p = sub.add_parser("data", help="data tools")
-    data = p.add_subparsers(dest="action", required=True)
-    d = data.add_parser("prepare", help="tokenize files into packed binary shards (with FIM and a held-out split)")
-    d.add_argument("files", nargs="+")
-    d.add_argument("--tokenizer", required=True, help="a tokenizer.json")
-    d.add_argument("--out", required=True, help="output directory")
-    d.add_argument("--fim-rate", type=float, default=0.1)
-    d.add_argument("--heldout-fraction", type=float, default=0.01)
-    d.add_argument("--seed", type=int, default=0)
+    p = command(sub, "data", "data tools")
+    d = command(p.add_subparsers(dest="action", required=True), "prepare",
+                "tokenize files into packed binary shards (with FIM and a held-out split)")
+    d.add_argument("files", nargs="+", help="text, JSONL (`text` field) or Parquet files, or directories")
+    d.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a directory holding one")
+    d.add_argument("--out", required=True, help="the output directory (replaced whole when done)")
+    d.add_argument("--fim-rate", type=fraction, default=0.1,
+                   help="share of training documents rearranged for fill-in-the-middle")
+    d.add_argument("--heldout-fraction", type=fraction, default=0.01,
+                   help="share of documents held out (at least one when there are two or more; 0: none)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the held-out and FIM draws")
     d.set_defaults(func=data_prepare)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command -> its exit status: 0; 2 for bad input, with one line `nanoseek: error: ...` on stderr (or
+    argparse's usage message); 130 when interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = sys.argv[1:] if argv is None else list(argv)  # what was typed: a resume applies only that
+    except SystemExit as e:  # argparse has printed the usage error (status 2) or the help (0)
+        return int(e.code or 0)
     try:
         args.func(args)
-    except (NanoseekError, FileNotFoundError) as e:
-        print(f"nanoseek: error: {e}", file=sys.stderr)
-        return 2
+    except NanoseekError as e:
+        return _error(str(e))
+    except OSError as e:
+        return _error(_os_error_message(e))
+    except KeyboardInterrupt:
+        print("\nnanoseek: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"nanoseek: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -190,6 +190,10 @@ class ModelConfig:
             raise ConfigError("invalid config field 'attention_bias' = True: DeepSeek MLA has no biases")
         if d.get("mlp_bias", False):
             raise ConfigError("invalid config field 'mlp_bias' = True: DeepSeek's FFNs have no biases")
+        missing = [name for name in _SHAPE_FIELDS if name not in d]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)}: the model's shape, which every DeepSeek "
+                              "config.json states (nanoseek does not guess it)")
         if model_type == "deepseek_v2":
             d.setdefault("scoring_func", "softmax")  # V2 routes by softmax; its config.json may not say so
             d.setdefault("num_nextn_predict_layers", 0)  # and has no MTP
@@ -233,13 +237,22 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(d)
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
 _NOT_IN_HF_CONFIG = ("bias_update_speed", "mtp_loss_weight")
+# The fields that set the weights' shapes: released DeepSeek-V2/V3 config.json files and transformers' configs all
+# write them, so a config.json without one is not read with DeepSeek-V3's value in its place.
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "n_routed_experts", "n_shared_experts", "moe_intermediate_size", "num_experts_per_tok",
+                 "first_k_dense_replace")
 
 
 def _yarn_from_dict(d: dict[str, Any]) -> YarnScaling:

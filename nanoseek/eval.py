@@ -9,15 +9,18 @@ completion length, per task and overall.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from tqdm import tqdm
+
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.infer.engine import Completion, Engine, SamplingParams
+from nanoseek.infer.engine import Completion, Engine, SamplingParams, StepOutput
 from nanoseek.model import DeepSeekV3
-from nanoseek.train.rewards import Sample, format_reward, final_answer
+from nanoseek.rewards import Sample, format_reward, final_answer
 
 
 @dataclass
@@ -45,23 +48,42 @@ def score_problem(problem: tasks.Problem, samples: list[str]) -> dict[str, float
 
 
 def sample_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Problem], cfg: EvalConfig,
-                       max_batch: int = 64) -> tuple[list[Completion], list[Completion]]:
+                       max_batch: int = 64, progress: bool = False) -> tuple[list[Completion], list[Completion]]:
     """-> (k sampled completions per problem, problem by problem; one greedy completion per problem, or none
-    when cfg.greedy is off), all stopped at </answer>."""
+    when cfg.greedy is off), all stopped at </answer>. progress: a bar of completions done (and tokens/s) on
+    stderr."""
     prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
-    engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
-                    tokenizer=tokenizer)
-    stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
-    sampled = engine.generate([p for p in prompts for _ in range(cfg.k)], SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **stop))
-    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, **stop)) if cfg.greedy else []
+    with tqdm(total=len(problems) * (cfg.k + cfg.greedy), desc="evaluating", unit="completion",
+              disable=not progress) as bar:
+        engine = _ProgressEngine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
+                                 tokenizer=tokenizer, bar=bar)
+        stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
+        sampled = engine.generate([p for p in prompts for _ in range(cfg.k)], SamplingParams(
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **stop))
+        greedy = (engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, **stop))
+                  if cfg.greedy else [])
     return sampled, greedy
 
 
+class _ProgressEngine(Engine):
+    """An Engine whose steps count the finished completions and the sampled tokens on a progress bar."""
+
+    def __init__(self, *args: Any, bar: tqdm, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.bar, self.tokens, self.start = bar, 0, time.perf_counter()
+
+    def step(self) -> list[StepOutput]:
+        outputs = super().step()
+        self.tokens += sum(len(o.new_tokens) for o in outputs)
+        self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.start):,.0f} tok/s", refresh=False)
+        self.bar.update(sum(o.finished for o in outputs))
+        return outputs
+
+
 def evaluate(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Problem], cfg: EvalConfig | None = None,
-             max_batch: int = 64) -> dict[str, Any]:
+             max_batch: int = 64, progress: bool = False) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
-    sampled, greedy = sample_completions(model, tokenizer, problems, cfg, max_batch)
+    sampled, greedy = sample_completions(model, tokenizer, problems, cfg, max_batch, progress)
     rows = []
     for i, problem in enumerate(problems):
         group = sampled[i * cfg.k:(i + 1) * cfg.k]

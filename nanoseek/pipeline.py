@@ -20,11 +20,11 @@ from nanoseek.errors import NanoseekError
 from nanoseek.eval import EvalConfig, evaluate, format_table, heldout_problems
 from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, run_grpo
 from nanoseek.train.loop import TrainConfig
-from nanoseek.train.pretrain import DataConfig, pretrain
+from nanoseek.train.pretrain import PretrainConfig, pretrain
 
 
 def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_problems: int = 30,
-                 eval_config: EvalConfig | None = None, data: DataConfig | None = None,
+                 eval_config: EvalConfig | None = None, data: PretrainConfig | None = None,
                  pretrain_train: TrainConfig | None = None, grpo: GRPOConfig | None = None,
                  grpo_train: TrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Every argument has the stages' own defaults (`nanoseek pretrain`, `nanoseek grpo`, `nanoseek eval`);
@@ -56,12 +56,13 @@ def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_proble
     pretrain_train = replace(pretrain_train or TrainConfig(), out_dir=str(base))
     grpo_train = replace(grpo_train or GRPO_TRAIN_DEFAULTS, out_dir=str(rl))
     # The pretraining's own greedy check is skipped: the evaluation stage measures the base model fully.
-    data = replace(data or DataConfig(), eval_problems=0)
+    data = replace(data or PretrainConfig(), eval_problems=0)
+    grpo = replace(grpo or GRPOConfig(), model=str(base))
     stage("pretrain", base / "report.json",
           lambda: _finished(pretrain(data, pretrain_train, resume=resume, progress=progress)))
     stage("evaluate base", out / "eval-base.json", lambda: evaluation(base, out / "eval-base.json"))
     stage("R1-Zero", rl / "report.json",
-          lambda: _finished(run_grpo(base, grpo_train, grpo, resume=resume, progress=progress)))
+          lambda: _finished(run_grpo(grpo, grpo_train, resume=resume, progress=progress)))
     stage("evaluate R1-Zero", out / "eval-grpo.json", lambda: evaluation(rl, out / "eval-grpo.json"))
 
     before = json.loads((out / "eval-base.json").read_text())

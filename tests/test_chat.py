@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.chat import ThinkingPrinter, chat, render_prompt, stream_lines
@@ -29,7 +30,7 @@ def checkpoint(tmp_path_factory):
                                  for b in range(30)], 300)
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size))
-    model.save_pretrained(path)
+    nanoseek.save_pretrained(model, path)
     tokenizer.save(path)
     return path
 
@@ -110,9 +111,10 @@ def test_generate_command(checkpoint, tmp_path, capsys):
                  "--max-len", "64"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["What is 1 + 1?", "What is 9 + 9?"]
-    assert all(r["tokens"] <= 6 and isinstance(r["completion"], str) for r in rows)
+    assert all(r["tokens"] <= 6 and isinstance(r["reasoning_content"], str) and isinstance(r["content"], str)
+               for r in rows)
     prompts.write_text("{not json}\n")
-    assert main(["generate", str(prompts), "--model", str(checkpoint), "--out", str(out)]) == 2
+    assert main(["generate", str(prompts), "--model", str(checkpoint), "--out", str(out), "--overwrite"]) == 2
     assert "prompts.jsonl:1: expected a JSON object" in capsys.readouterr().err
     assert main(["generate", str(prompts), "--model", str(tmp_path)]) == 2
     assert "has no tokenizer.json" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek.checkpoint import INDEX_FILE, CheckpointError
-from nanoseek.model.fp8 import FP8_MAX, quantize_blockwise
+from nanoseek.model.quant import FP8_MAX, quantize_blockwise
 
 from conftest import randomize, tiny_config
 
@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 def saved_model(tmp_path, **changes):
     model = nanoseek.DeepSeekV3(tiny_config(**changes)).eval()
     randomize(model, seed=6)
-    model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(model, tmp_path)
     return model
 
 
@@ -54,7 +54,7 @@ def test_checkpoint_without_mtp_layers_loads_without_mtp(tmp_path):
 
 def test_sharded_round_trip(tmp_path):
     model = saved_model(tmp_path / "a")
-    model.save_pretrained(tmp_path / "b", max_shard_bytes=100_000)
+    nanoseek.save_pretrained(model, tmp_path / "b", max_shard_bytes=100_000)
     index = json.loads((tmp_path / "b" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1
     loaded = nanoseek.from_pretrained(tmp_path / "b")
@@ -111,7 +111,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr("nanoseek.checkpoint.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(tmp_path / "ckpt")
+        nanoseek.save_pretrained(model, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging directory left behind
     nanoseek.from_pretrained(tmp_path / "ckpt")
@@ -161,7 +161,7 @@ def test_truncated_file(tmp_path):
 
 def test_index_names_a_missing_shard(tmp_path):
     saved_model(tmp_path)
-    nanoseek.from_pretrained(tmp_path).save_pretrained(tmp_path, max_shard_bytes=100_000)
+    nanoseek.save_pretrained(nanoseek.from_pretrained(tmp_path), tmp_path, max_shard_bytes=100_000)
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"{shards[-1].name} is listed in {INDEX_FILE} but does not exist"):

@@ -1,10 +1,16 @@
-"""The engine: latent cache + absorbed attention against the plain forward, batching, sampling, stops."""
+"""The engine: latent cache + absorbed attention against the plain forward, batching, sampling, stops; requests
+added, stepped, streamed and aborted one by one."""
+
+import re
+from dataclasses import replace
 
 import pytest
 import torch
 
+from nanoseek.config import ConfigError
+from nanoseek.errors import NanoseekError
 from nanoseek.infer.cache import LatentKVCache
-from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.infer.engine import Engine, EngineError, SamplingParams
 from nanoseek.model import DeepSeekV3
 
 from conftest import randomize, tiny_config
@@ -105,14 +111,144 @@ def test_stop_ids(model):
     assert stopped.tokens == free[:free.index(free[2]) + 1] and stopped.finish_reason == "stop"
 
 
-def test_bad_requests(model):
+def test_bad_requests_name_the_limit(model):
     engine = Engine(model, max_len=16)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
+    with pytest.raises(EngineError, match="prompt 1 is empty"):
         engine.generate([[1], []], SamplingParams(max_new_tokens=4))
-    with pytest.raises(ValueError, match="prompt 0 \\(10 tokens\\) \\+ max_new_tokens 8 exceeds the cache's 16"):
+    with pytest.raises(EngineError, match="prompt 0 has 10 tokens \\+ max_new_tokens 8 = 18 > the cache's 16 tokens "
+                                          "per sequence; raise the engine's max_len \\(--max-len\\)"):
         engine.generate([[1] * 10], SamplingParams(max_new_tokens=8))
-    with pytest.raises(ValueError, match="stop_strings need an Engine built with a tokenizer"):
+    with pytest.raises(EngineError, match="the prompt has 10 tokens \\+ max_new_tokens 8 = 18 > the cache's 16"):
+        engine.add_request([1] * 10, SamplingParams(max_new_tokens=8))
+    with pytest.raises(EngineError, match="stop_strings need an Engine built with a tokenizer"):
         engine.generate([[1]], SamplingParams(max_new_tokens=4, stop_strings=("x",)))
+    with pytest.raises(EngineError, match="speculative decoding is greedy"):
+        engine.generate_speculative([1], SamplingParams(max_new_tokens=4, temperature=1.0))
+    with pytest.raises(EngineError, match="drafts with the MTP module; this model has none"):
+        Engine(DeepSeekV3(tiny_config(num_nextn_predict_layers=0)), max_len=16).generate_speculative([1])
+    assert issubclass(EngineError, NanoseekError) and issubclass(EngineError, ValueError)
+    assert not engine.has_unfinished()  # a rejected generate queued none of its prompts
+
+
+@pytest.mark.parametrize("option, value, why", [("max_new_tokens", 0, "must be at least 1"),
+                                                ("temperature", -0.5, "must be >= 0"),
+                                                ("top_p", 0.0, "must be in \\(0, 1\\]"),
+                                                ("top_p", 1.5, "must be in \\(0, 1\\]"),
+                                                ("top_k", -1, "must be >= 0")])
+def test_sampling_params_name_the_bad_option(option, value, why):
+    with pytest.raises(ConfigError, match=f"invalid sampling option '{option}' = {re.escape(repr(value))}: {why}"):
+        SamplingParams(**{option: value})
+
+
+def run_interleaved(engine, arrivals):
+    """arrivals: {step number: [(prompt, params), ...]} added just before that step -> (id -> tokens from the
+    steps' outputs, id -> completion, the running ids seen in each step's outputs)."""
+    tokens, completions, batches = {}, {}, []
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for prompt, params in arrivals.get(step, []):
+            tokens[engine.add_request(prompt, params)] = []
+        outputs = engine.step()
+        batches.append({o.request_id for o in outputs})
+        for out in outputs:
+            assert len(out.new_tokens) == 1 and out.request_id not in completions
+            tokens[out.request_id] += out.new_tokens
+            if out.finished:
+                completions[out.request_id] = out.completion
+        step += 1
+    return tokens, completions, batches
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20)])
+def test_requests_added_while_others_decode_get_the_tokens_generate_gives(model, sampling):
+    prompts = [[5, 9, 2], [7] * 9, [1, 2, 3, 4, 5], [300, 200, 100, 50, 25], [42] * 4, [8, 8]]
+    params = [SamplingParams(max_new_tokens=n, seed=10 + i, stop_ids=(3,), **sampling)
+              for i, n in enumerate([12, 6, 9, 12, 3, 7])]
+    engine = Engine(model, max_batch=3, max_len=64)
+    arrivals = {0: [(prompts[0], params[0]), (prompts[1], params[1])], 2: [(prompts[2], params[2])],
+                3: [(prompts[3], params[3]), (prompts[4], params[4])], 9: [(prompts[5], params[5])]}
+    tokens, completions, batches = run_interleaved(engine, arrivals)
+    assert batches[2] == {0, 1, 2}  # request 2 joined the running batch in the step it arrived
+    assert 3 not in batches[3]  # no free slot yet: request 3 waited
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        alone = Engine(model, max_batch=1, max_len=64).generate([prompt], p)[0]
+        assert tokens[i] == completions[i].tokens == alone.tokens
+        assert completions[i].finish_reason == alone.finish_reason
+    # generate is the same loop: request i with seed + i, whatever else shares the batch
+    shared = SamplingParams(max_new_tokens=10, seed=10, **sampling)
+    batched = Engine(model, max_batch=4, max_len=64).generate(prompts, shared)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(prompt, SamplingParams(max_new_tokens=10, seed=10 + i, **sampling))
+        assert engine.generate([prompt], SamplingParams(max_new_tokens=10, seed=10 + i, **sampling))[0].tokens \
+            == batched[i].tokens
+    assert not engine.has_unfinished()  # generate stepped the requests added before it to their end too
+
+
+def test_abort_frees_the_slot_at_once(model):
+    engine = Engine(model, max_batch=1, max_len=64)
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=4)
+    first, second, third = (engine.add_request(p, params) for p in ([5, 9, 2], [7, 7, 7], [1, 2]))
+    assert engine.unfinished == [first, second, third]
+    assert [o.request_id for o in engine.step()] == [first]  # one slot: the others wait
+    assert [o.request_id for o in engine.step()] == [first]
+    assert engine.abort(first) and engine.abort(third)  # running, waiting
+    assert engine.unfinished == [second]
+    outputs = [engine.step() for _ in range(params.max_new_tokens)]
+    assert all([o.request_id for o in step] == [second] for step in outputs)  # started in the freed slot
+    assert outputs[-1][0].finish_reason == "length"
+    assert [o.new_tokens[0] for step in outputs for o in step] == engine.generate([[7, 7, 7]], params)[0].tokens
+    assert not engine.has_unfinished() and engine.step() == []
+    assert not engine.abort(first) and not engine.abort(second) and not engine.abort(99)  # no-ops
+
+
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_concurrent_streams_do_not_mix(model, static_decode):
+    engine = Engine(model, max_batch=2, max_len=64, static_decode=static_decode)
+    requests = [([5, 9, 2], SamplingParams(max_new_tokens=9, temperature=1.0, seed=1)),
+                ([300, 200, 100, 50], SamplingParams(max_new_tokens=14, temperature=0.8, top_k=30, seed=2))]
+    live = dict(enumerate(engine.stream(prompt, params) for prompt, params in requests))
+    streamed = [[], []]
+    while live:  # one token from each in turn
+        for i, stream in list(live.items()):
+            token = next(stream, None)
+            if token is None:
+                del live[i]
+            else:
+                streamed[i].append(token)
+        if len(streamed[1]) == 1:
+            assert len(engine.unfinished) == 2  # both run at once, each in its own slot
+    for (prompt, params), tokens in zip(requests, streamed, strict=True):
+        assert tokens == Engine(model, max_len=64).generate([prompt], params)[0].tokens
+
+
+def test_closing_a_stream_early_aborts_its_request(model):
+    engine = Engine(model, max_batch=1, max_len=64)
+    stream = engine.stream([5, 9, 2], SamplingParams(max_new_tokens=20))
+    next(stream)
+    assert engine.has_unfinished()
+    stream.close()
+    assert not engine.has_unfinished()
+    assert list(engine.stream([1, 2], SamplingParams(max_new_tokens=5))) == \
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=5))[0].tokens
+
+
+def test_a_training_model_generates_in_eval_mode_and_keeps_training():
+    model = DeepSeekV3(tiny_config(num_nextn_predict_layers=1)).eval()
+    randomize(model, seed=21, std=0.1)
+    prompts, params = [[5, 9, 2], [7, 1, 7, 1]], SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    expected = [c.tokens for c in Engine(model, max_len=64).generate(prompts, params)]
+    expected_spec = Engine(model, max_len=64).generate_speculative(prompts[0], SamplingParams(max_new_tokens=8))[0]
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    model.train()
+    engine = Engine(model, max_len=64)
+    assert model.training  # building the engine leaves the mode alone
+    assert [c.tokens for c in engine.generate(prompts, params)] == expected
+    assert model.training
+    assert list(engine.stream(prompts[1], replace(params, seed=params.seed + 1))) == expected[1]  # as request 1
+    assert engine.generate_speculative(prompts[0], SamplingParams(max_new_tokens=8))[0].tokens == expected_spec.tokens
+    assert modes and not any(modes)  # every forward of the engine ran in eval mode
+    assert all(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("seed", [0, 1])

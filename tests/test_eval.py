@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import nanoseek
 from nanoseek.cli import main
 from nanoseek.data.tasks import Problem
 from nanoseek.eval import heldout_problems, score_problem
@@ -48,7 +49,7 @@ def test_eval_command_on_tiny_checkpoint(tmp_path, capsys):
     tokenizer = Tokenizer.train([f"Question: What is {a} + {b}?\n<think>\n{a + b}" for a in range(20)
                                  for b in range(20)], 300)
     torch.manual_seed(0)
-    DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)).save_pretrained(tmp_path / "ckpt")
+    nanoseek.save_pretrained(DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)), tmp_path / "ckpt")
     tokenizer.save(tmp_path / "ckpt")
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(tmp_path / "ckpt"), "--k", "2", "--problems", "2", "--max-new-tokens", "8",

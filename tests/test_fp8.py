@@ -15,9 +15,11 @@ import torch
 
 import nanoseek
 from nanoseek.config import ConfigError
-from nanoseek.model.fp8 import (GEMM_PATHS, TILE, WEIGHT_BLOCK, Fp8Linear, Fp8RoutedExperts, convert_to_fp8_training,
-                                fp8_gemm, fp8_grouped_linear, fp8_linear, quantize)
+from nanoseek.model.fp8 import (GEMM_PATHS, Fp8Linear, Fp8RoutedExperts, convert_to_fp8_training, fp8_gemm,
+                                fp8_grouped_linear, fp8_linear)
+from nanoseek.model.quant import TILE, WEIGHT_BLOCK, quantize
 from nanoseek.train.loop import TrainConfig, Trainer
+from nanoseek.train.pretrain import LanguageModelStage, PretrainConfig
 
 from conftest import tiny_config
 
@@ -274,10 +276,11 @@ class _Source:
 
 
 def test_trainer_precision_fp8_with_recomputation(tmp_path):
-    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=3, seq_len=32, batch_size=8, micro_batch_size=4,
-                      eval_every=0, save_every=0, tensorboard=False, device="cpu", precision="fp8",
-                      recompute="selective")
-    trainer = Trainer(nanoseek.DeepSeekV3(tiny_config()), _Source(), cfg)
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=3, eval_every=0, save_every=0, tensorboard=False,
+                      device="cpu", precision="fp8", recompute="selective")
+    model = nanoseek.DeepSeekV3(tiny_config())
+    stage = LanguageModelStage(_Source(), PretrainConfig(seq_len=32, batch_size=8, micro_batch_size=4), model.config)
+    trainer = Trainer(model, stage, cfg)
     assert trainer.autocast is None  # on the CPU, everything but the FP8 GEMMs stays fp32
     assert type(trainer.model.layers[1].self_attn.kv_b_proj) is Fp8Linear
     assert type(trainer.model.layers[1].mlp.experts) is Fp8RoutedExperts

@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
+import nanoseek
 from nanoseek.data.tasks import Problem
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
 from nanoseek.config import ConfigError
 from nanoseek.train.grpo import (GRPOConfig, GRPOLossConfig, completion_logprobs, group_advantages,
                                  informative_groups, k3_kl, length_buckets, policy_loss)
-from nanoseek.train.rewards import (RewardSet, Sample, accuracy_reward, boxed_answer, format_reward,
+from nanoseek.rewards import (RewardSet, Sample, accuracy_reward, boxed_answer, format_reward,
                                     language_consistency, overlong_penalty, r1_zero_rewards)
 
 from conftest import tiny_config
@@ -191,7 +192,7 @@ def test_grpo_stage_runs_logs_and_resumes_exactly(tmp_path):
     tokenizer = Tokenizer.train([f"Question: What is {a} + {b}?\n<think>\n{a + b}" for a in range(20)
                                  for b in range(20)], 300)
     torch.manual_seed(0)
-    DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)).save_pretrained(tmp_path / "base")
+    nanoseek.save_pretrained(DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)), tmp_path / "base")
     tokenizer.save(tmp_path / "base")
     args = ["grpo", "--model", str(tmp_path / "base"), "--group-size", "4", "--prompts-per-step", "2",
             "--max-new-tokens", "6", "--no-tensorboard", "--save-every", "2", "--lr", "1e-3", "--no-drop-uninformative"]
@@ -217,14 +218,14 @@ def _tiny_grpo_trainer(out_dir, train_options=None, **grpo_options):
     from dataclasses import replace
 
     from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOTrainer, ProblemStream
+    from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, grpo_trainer
 
     tokenizer = Tokenizer.train([f"Question: What is {a} + {b}?" for a in range(20) for b in range(20)], 300)
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size))
     train = replace(GRPO_TRAIN_DEFAULTS, out_dir=str(out_dir), lr=1e-2, tensorboard=False, **(train_options or {}))
     grpo = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=6, **grpo_options)
-    return GRPOTrainer(model, tokenizer, ProblemStream(0, 1), train, grpo, VARYING_REWARD)
+    return grpo_trainer(model, tokenizer, train, grpo, VARYING_REWARD)
 
 
 def test_micro_batched_update_equals_one_batch(tmp_path):
@@ -268,7 +269,8 @@ def test_grpo_resume_is_exact_with_real_updates(tmp_path):
 def test_rollouts_stop_at_the_answer_like_the_evaluation(tmp_path, stop_at_answer, expected):
     trainer = _tiny_grpo_trainer(tmp_path, stop_at_answer=stop_at_answer)
     seen = []
-    generate = trainer.engine.generate
-    trainer.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
+    trainer.stage.prepare(trainer)
+    generate = trainer.stage.engine.generate
+    trainer.stage.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
     trainer.train_step()
-    assert seen[0].stop_strings == expected and seen[0].stop_ids == (trainer.tokenizer.eos_id,)
+    assert seen[0].stop_strings == expected and seen[0].stop_ids == (trainer.stage.tokenizer.eos_id,)

@@ -11,7 +11,7 @@ import pytest
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.train.grpo import ProblemStream
-from nanoseek.train.rewards import Sample, r1_zero_rewards
+from nanoseek.rewards import Sample, r1_zero_rewards
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "grpo_vs_trl.py"
 spec = importlib.util.spec_from_file_location("grpo_vs_trl", SCRIPT)

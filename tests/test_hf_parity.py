@@ -66,7 +66,7 @@ def test_nanoseek_checkpoint_loads_in_transformers_with_equal_logits(case, tmp_p
     config = tiny_config(**CASES[case])
     model = nanoseek.DeepSeekV3(config).eval()
     randomize(model, seed=2)
-    model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(model, tmp_path)
     reference = hf_model(tmp_path)
     ids = torch.randint(0, config.vocab_size, (2, 48))
     with torch.no_grad():

@@ -18,6 +18,7 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.parallel.expert import is_expert_param
 from nanoseek.parallel.mesh import Layout, LayoutError, init_parallel
 from nanoseek.train.loop import TrainConfig, Trainer
+from nanoseek.train.pretrain import LanguageModelStage, PretrainConfig
 
 STEPS = 3
 
@@ -48,8 +49,13 @@ class RandomTokens:
         self.calls = state["calls"]
 
 
+def lm_stage(model: DeepSeekV3) -> LanguageModelStage:
+    return LanguageModelStage(RandomTokens(512, 16), PretrainConfig(seq_len=16, batch_size=8, micro_batch_size=1),
+                              model.config)
+
+
 def train_config(out_dir: str) -> TrainConfig:
-    return TrainConfig(out_dir=out_dir, max_steps=STEPS, seq_len=16, batch_size=8, micro_batch_size=1, lr=1e-2,
+    return TrainConfig(out_dir=out_dir, max_steps=STEPS, lr=1e-2,
                        warmup_steps=1, device="cpu", tensorboard=False, save_every=0, eval_every=0)
 
 
@@ -60,7 +66,8 @@ def fresh_model() -> DeepSeekV3:
 
 def oracle(tmp: str):
     """Single-process training: the losses of each step and the final weights."""
-    trainer = Trainer(fresh_model(), RandomTokens(512, 16), train_config(tmp))
+    model = fresh_model()
+    trainer = Trainer(model, lm_stage(model), train_config(tmp))
     records = [trainer.train_step() for _ in range(STEPS)]
     return records, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
@@ -84,7 +91,8 @@ def run_layout(layout: Layout, tmp: str, ref) -> float:
     from nanoseek.parallel.trainer import ParallelTrainer
 
     ctx = init_parallel(layout, model_config(), device="cpu")
-    trainer = ParallelTrainer(fresh_model(), RandomTokens(512, 16), train_config(tmp), ctx)
+    model = fresh_model()
+    trainer = ParallelTrainer(model, lm_stage(model), train_config(tmp), ctx, seq_len=16, micro_batch_size=1)
     records = [trainer.train_step() for _ in range(STEPS)]
     return compare(trainer.model, records, *ref, ctx)
 
@@ -98,7 +106,8 @@ def save_then_resume(world: int, run_dir: str, ref) -> float:
 
     layout = SAVE_LAYOUT if world == 4 else RESUME_LAYOUT
     ctx = init_parallel(layout, model_config(), device="cpu")
-    trainer = ParallelTrainer(fresh_model(), RandomTokens(512, 16), train_config(run_dir), ctx)
+    model = fresh_model()
+    trainer = ParallelTrainer(model, lm_stage(model), train_config(run_dir), ctx, seq_len=16, micro_batch_size=1)
     if world == 4:
         for _ in range(STEPS - 1):
             trainer.train_step()
@@ -200,3 +209,41 @@ def test_node_limited_routing_reaches_at_most_topk_group_nodes():
     node_of_expert = torch.arange(16) // (16 // ep) // (ep // nodes)
     reached = [len(set(node_of_expert[row].tolist())) for row in route.indices]
     assert max(reached) <= config.topk_group and max(reached) == 2
+
+
+def test_pipeline_chunks_chained_equal_compute_loss():
+    """The 2 * pp chunks run in one process, one after another, give compute_loss's gradients and stats: the chunks
+    are the model's own pieces (rope, run_layers, head_loss), the balance loss's weighting included. In float64,
+    but the router scores in float32: where the share multiplies moves the gradients through it by ~1e-7."""
+    from nanoseek.parallel.pipeline import Chunk, StepWeights, chunk_layers
+    from nanoseek.train.pretrain import TokenBatch
+
+    model = fresh_model().double()
+    inputs, targets = RandomTokens(512, 16).next_batch(4)
+    n_tokens = int((targets != -100).sum())
+    micro = [TokenBatch(inputs[i:i + 1], targets[i:i + 1], int((targets[i:i + 1] != -100).sum()) / n_tokens)
+             for i in range(4)]
+    weights = StepWeights(mtp=0.3, balance=0.01)
+    chunks = [Chunk(model, layers, first=c == 0, last=c == 3, weights=weights)
+              for c, layers in enumerate(chunk_layers(4, pp=2))]
+    for chunk in chunks:
+        chunk.begin_step(micro)
+    for mb in micro:
+        x = mb.input_ids
+        for chunk in chunks:
+            x = chunk(x)
+        x.backward()
+    piped = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    totals, counts = torch.zeros(3, dtype=torch.float64), 0
+    for mb in micro:
+        out = model.compute_loss(mb.input_ids, mb.targets, mtp_weight=0.3, balance_alpha=0.01)
+        (out.loss * mb.share).backward()
+        totals += torch.stack([t.detach().double() for t in (out.lm_loss, out.mtp_loss, out.balance_loss)]) * mb.share
+        counts = counts + out.expert_counts
+    for name, p in model.named_parameters():
+        assert (piped[name] - p.grad).abs().max() <= 1e-6 * p.grad.abs().max(), name
+    torch.testing.assert_close(sum(chunk.totals for chunk in chunks), totals, rtol=1e-6, atol=0)  # balance: float32
+    by_layer = {i: c for chunk in chunks for i, c in chunk.counts.items()}
+    assert sorted(by_layer) == [1, 2, 3, 4]  # 3 MoE layers (layer 0 is dense), then the MTP block as layer 4
+    assert torch.equal(torch.stack([by_layer[i] for i in sorted(by_layer)]), counts)

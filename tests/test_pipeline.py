@@ -9,11 +9,10 @@ from nanoseek.eval import EvalConfig
 from nanoseek.pipeline import run_pipeline
 from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig
 from nanoseek.train.loop import TrainConfig, TrainingError
-from nanoseek.train.pretrain import DataConfig
+from nanoseek.train.pretrain import PretrainConfig
 
-TINY = dict(data=DataConfig(preset="tiny", builtin_docs=800),  # noqa: C408 (keyword arguments of run_pipeline)
-            pretrain_train=TrainConfig(max_steps=3, batch_size=2, micro_batch_size=2, seq_len=64, warmup_steps=1,
-                                       save_every=2, eval_every=0, tensorboard=False),
+TINY = dict(data=PretrainConfig(preset="tiny", builtin_docs=800, batch_size=2, micro_batch_size=2, seq_len=64),  # noqa: C408
+            pretrain_train=TrainConfig(max_steps=3, warmup_steps=1, save_every=2, eval_every=0, tensorboard=False),
             grpo=GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=12),
             grpo_train=replace(GRPO_TRAIN_DEFAULTS, max_steps=2, save_every=1, tensorboard=False),
             eval_problems=1, eval_config=EvalConfig(k=2, max_new_tokens=12), progress=False)

@@ -10,6 +10,8 @@ import time
 import pytest
 
 from nanoseek.cli import main
+from nanoseek.config import ConfigError
+from nanoseek.train.loop import TrainConfig
 
 ARGS = ["--preset", "tiny", "--builtin-docs", "1500", "--max-steps", "12", "--save-every", "4", "--eval-every", "6",
         "--eval-batches", "2", "--seq-len", "64", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "3e-3",
@@ -67,11 +69,14 @@ def test_user_files_need_a_tokenizer(tmp_path, capsys):
     assert "needs a tokenizer: pass --tokenizer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--recompute", "some"]])
-def test_bad_training_option(tmp_path, bad, capsys):
-    assert main(["pretrain", "--out-dir", str(tmp_path / "run"), *ARGS, *bad]) == 2
-    assert "invalid training option 'recompute' = 'some': must be 'none', 'selective' or 'full'" in \
+def test_bad_training_option(tmp_path, capsys):
+    assert main(["pretrain", "--out-dir", str(tmp_path / "run"), *ARGS, "--recompute", "some"]) == 2
+    assert "argument --recompute: invalid choice: 'some' (choose from 'none', 'selective', 'full')" in \
         capsys.readouterr().err
+    with pytest.raises(ConfigError, match="invalid training option 'recompute' = 'some': must be 'none', "
+                                          "'selective' or 'full'"):
+        TrainConfig(recompute="some")  # the same check for callers from Python
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_corpus_difficulty(tmp_path, capsys):

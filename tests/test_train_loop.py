@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from nanoseek.model import DeepSeekV3
-from nanoseek.train.loop import (TrainConfig, Trainer, TrainingError, apply_recomputation, batch_size_at,
-                                 learning_rate, mtp_weight_at)
+from dataclasses import fields
+
+from nanoseek.train.loop import TrainConfig, Trainer, TrainingError, apply_recomputation, learning_rate
+from nanoseek.train.pretrain import LanguageModelStage, PretrainConfig, batch_size_at, mtp_weight_at
 
 from conftest import randomize, tiny_config
 
@@ -35,11 +37,15 @@ class PatternSource:
 
 
 def make_trainer(tmp_path, seed=0, **overrides):
+    """The shared Trainer with the language-model stage; overrides go to whichever config has the field."""
     torch.manual_seed(seed)
-    settings = dict(out_dir=str(tmp_path), max_steps=8, seq_len=16, batch_size=8, micro_batch_size=4, lr=1e-2,
-                    warmup_steps=2, eval_every=0, save_every=0, tensorboard=False, device="cpu")
-    cfg = TrainConfig(**{**settings, **overrides})
-    return Trainer(DeepSeekV3(tiny_config()), PatternSource(seq_len=16), cfg)
+    settings = {**dict(out_dir=str(tmp_path), max_steps=8, seq_len=16, batch_size=8, micro_batch_size=4, lr=1e-2,
+                       warmup_steps=2, eval_every=0, save_every=0, tensorboard=False, device="cpu"), **overrides}
+    stage_fields = {f.name for f in fields(PretrainConfig)}
+    stage_cfg = PretrainConfig(**{k: v for k, v in settings.items() if k in stage_fields})
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k not in stage_fields})
+    model = DeepSeekV3(tiny_config())
+    return Trainer(model, LanguageModelStage(PatternSource(seq_len=16), stage_cfg, model.config), cfg)
 
 
 def test_learning_rate_schedule_hand_computed():
@@ -53,10 +59,10 @@ def test_learning_rate_schedule_hand_computed():
 
 
 def test_batch_ramp_and_mtp_weight_schedule():
-    cfg = TrainConfig(batch_size=32, batch_ramp_start=8, batch_ramp_steps=4, max_steps=10, mtp_weight=0.3,
-                      mtp_weight_late=0.1, mtp_switch=0.7)
+    cfg = PretrainConfig(batch_size=32, batch_ramp_start=8, batch_ramp_steps=4, mtp_weight=0.3,
+                         mtp_weight_late=0.1, mtp_switch=0.7)
     assert [batch_size_at(s, cfg) for s in range(6)] == [8, 14, 20, 26, 32, 32]
-    assert [mtp_weight_at(s, cfg) for s in (0, 6, 7, 9)] == [0.3, 0.3, 0.1, 0.1]
+    assert [mtp_weight_at(s, 10, cfg) for s in (0, 6, 7, 9)] == [0.3, 0.3, 0.1, 0.1]
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

@@ -45,6 +45,8 @@ def prepare_documents(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
     held out with probability `heldout_fraction`; otherwise turned into FIM form (PSM: `<｜fim▁begin｜>prefix
     <｜fim▁hole｜>suffix<｜fim▁end｜>middle`, split at two uniform character positions) with probability
     `fim_rate`. Held-out documents stay plain text. Every document is bos ... eos; empty strings are skipped.
+    With 0 < heldout_fraction < 1 neither split is left empty: if the draws leave one so, the other split's last
+    document moves there.
     """
     if not 0 <= fim_rate <= 1 or not 0 <= heldout_fraction <= 1:
         raise DataError(f"fim_rate={fim_rate} and heldout_fraction={heldout_fraction} must lie in [0, 1]")
@@ -58,21 +60,31 @@ def prepare_documents(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
     try:
         documents = dict.fromkeys(SPLITS, 0)
         fim_documents = 0
+
+        def write(split: str, batch: list[_Document]) -> None:
+            nonlocal fim_documents
+            documents[split] += len(batch)
+            fim_documents += sum(d.fim for d in batch)
+            writers[split].write(np.fromiter(chain.from_iterable(d.tokens for d in batch), dtype))
+
+        last: dict[str, _Document] = {}  # each split's latest document, written one behind (see _fill_both_splits)
         start_time = time.perf_counter()
         with tqdm(desc="tokenizing", unit="doc") as bar:
             for consumed, batch in _tokenize(docs, tokenizer, seed, fim_rate, heldout_fraction):
-                for doc in batch:
-                    documents[doc.split] += 1
-                    fim_documents += doc.fim
-                for split, writer in writers.items():
-                    writer.write(np.fromiter(chain.from_iterable(d.tokens for d in batch if d.split == split), dtype))
+                for split in SPLITS:
+                    mine = ([last.pop(split)] if split in last else []) + [d for d in batch if d.split == split]
+                    if mine:
+                        last[split] = mine.pop()
+                    write(split, mine)
                 bar.update(consumed)
                 tokens = sum(w.tokens for w in writers.values())
                 bar.set_postfix_str(f"{tokens / (time.perf_counter() - start_time):,.0f} tok/s", refresh=False)
+        if not last:
+            raise DataError("no documents to prepare (the input was empty)")
+        for doc in _fill_both_splits(last, documents, heldout_fraction, tokenizer):
+            write(doc.split, [doc])
         for writer in writers.values():
             writer.close()
-        if not sum(documents.values()):
-            raise DataError("no documents to prepare (the input was empty)")
         tokenizer.save(staging / TOKENIZER_FILE)
         meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
                 "tokens": {split: w.tokens for split, w in writers.items()}, "documents": documents,
@@ -100,6 +112,24 @@ class _Document(NamedTuple):
     split: str
     fim: bool
     tokens: list[int]
+    text: str
+
+
+def _fill_both_splits(last: dict[str, _Document], written: dict[str, int], heldout_fraction: float,
+                      tokenizer: Tokenizer) -> list[_Document]:
+    """Each split's last document (held back so far) -> the documents to write last. With 0 < heldout_fraction
+    < 1 both splits must hold a document: when the draws left one empty, the other's last document moves there
+    (as plain text); a single document cannot make two splits, which is an error."""
+    if not 0 < heldout_fraction < 1 or len(last) == len(SPLITS):
+        return list(last.values())
+    ((split, doc),) = last.items()
+    if not written[split]:
+        raise DataError(f"only 1 document, which cannot make both a train and a held-out split (--heldout-fraction "
+                        f"{heldout_fraction}): give more documents (a .txt/.md file is one document, a .jsonl "
+                        "line or a Parquet row is one), or pass --heldout-fraction 0 for no held-out split")
+    other = next(s for s in SPLITS if s != split)
+    tokens = doc.tokens if not doc.fim else _assemble([tokenizer.encode(doc.text)], tokenizer)
+    return [_Document(other, False, tokens, doc.text)]
 
 
 def _tokenize(docs: Iterable[str], tokenizer: Tokenizer, seed: int, fim_rate: float,
@@ -115,7 +145,7 @@ def _tokenize(docs: Iterable[str], tokenizer: Tokenizer, seed: int, fim_rate: fl
         documents = []
         for p in plans:
             tokens = _assemble([next(encoded) for _ in p.parts], tokenizer)
-            documents.append(_Document(p.split, len(p.parts) == 3, tokens))
+            documents.append(_Document(p.split, len(p.parts) == 3, tokens, "".join(p.parts)))
         yield len(batch), documents
 
 
@@ -314,8 +344,9 @@ class _TokenStream:
     def num_windows(self, seq_len: int) -> int:
         """How many (seq_len + 1)-token windows start at multiples of seq_len; an error if none fits."""
         if len(self) < seq_len + 1:
+            more = "more data or a larger --heldout-fraction" if self.split == "heldout" else "more data"
             raise DataError(f"{self.directory}: the {self.split} split has {len(self)} tokens; seq_len={seq_len} "
-                            f"needs at least {seq_len + 1}")
+                            f"needs at least {seq_len + 1}: prepare {more}, or use a shorter --seq-len")
         return (len(self) - 1) // seq_len
 
     def windows(self, indices: Iterable[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,14 +10,16 @@ Prompt templates:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
+from nanoseek.atomic import write_text
 from nanoseek.data.shards import DataError
-from nanoseek.data.tokenizer import END_THINK, R1_ZERO_TEMPLATE, Tokenizer, apply_chat_template
-from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.data.tokenizer import END_THINK, R1_ZERO_TEMPLATE, THINK, Tokenizer, apply_chat_template
+from nanoseek.infer.engine import Completion, Engine, SamplingParams
 
 TEMPLATES = ("chat", "question", "r1-zero", "raw")
 
@@ -41,6 +43,32 @@ def encode_prompt(tokenizer: Tokenizer, messages: list[dict], template: str) -> 
     return tokenizer.encode(text, bos=template != "chat")  # the chat template writes its own bos
 
 
+def opens_thinking(messages: list[dict], template: str) -> bool:
+    """Whether the prompt ends inside <think>, so that the completion starts with reasoning."""
+    return render_prompt(messages, template).rstrip().endswith(THINK)
+
+
+def split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
+    """A completion -> (reasoning, answer): the text before </think> and the text after it, as DeepSeek's API
+    returns `reasoning_content` and `content`. thinking: the prompt opened <think>, so a completion that never
+    closes it is all reasoning (a completion that opens <think> itself, as R1-Zero's do, is read the same way)."""
+    text = text.strip()
+    if text.startswith(THINK):
+        text, thinking = text[len(THINK):], True
+    if END_THINK in text:
+        reasoning, answer = text.split(END_THINK, 1)
+        return reasoning.strip(), answer.strip()
+    return (text, "") if thinking else ("", text)
+
+
+def completion_text(tokenizer: Tokenizer, completion: Completion, params: SamplingParams) -> str:
+    """The completion's text without the stop token that ended it (the end-of-sentence marker is not text)."""
+    text = tokenizer.decode(completion.tokens) if completion.text is None else completion.text
+    if completion.tokens and completion.tokens[-1] in params.stop_ids:
+        text = text.removesuffix(tokenizer.decode(completion.tokens[-1:]))
+    return text
+
+
 def read_prompts(path: Path) -> list[str]:
     """A .txt file (one prompt per line) or .jsonl (a "prompt" field per line)."""
     if not path.is_file():
@@ -59,12 +87,18 @@ def read_prompts(path: Path) -> list[str]:
 
 def generate_file(engine: Engine, tokenizer: Tokenizer, prompts: list[str], out: Path, template: str,
                   params: SamplingParams) -> None:
-    encoded = [encode_prompt(tokenizer, [{"role": "user", "content": p}], template) for p in prompts]
-    results = engine.generate(encoded, params)
-    with open(out, "w") as f:
-        for prompt, result in zip(prompts, results):
-            f.write(json.dumps({"prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
-                                "tokens": len(result.tokens)}) + "\n")
+    """Complete the prompts into the JSONL file `out` (written whole once all are done, replacing any file
+    there): one row per prompt with its `reasoning_content` (before </think>) and `content` (the answer after)."""
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    results = engine.generate([encode_prompt(tokenizer, c, template) for c in conversations], params)
+    rows = []
+    for prompt, conversation, result in zip(prompts, conversations, results, strict=True):
+        reasoning, content = split_reasoning(completion_text(tokenizer, result, params),
+                                             opens_thinking(conversation, template))
+        rows.append(json.dumps({"prompt": prompt, "reasoning_content": reasoning, "content": content,
+                                "finish_reason": result.finish_reason, "tokens": len(result.tokens)}) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, "".join(rows))
 
 
 class ThinkingPrinter:
@@ -106,35 +140,67 @@ class ThinkingPrinter:
         self.out.flush()
 
 
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "start a new conversation",
+    "/exit": "quit (so do /quit, and Ctrl-D or Ctrl-C at the prompt)",
+}
+
+
 def chat(engine: Engine, tokenizer: Tokenizer, template: str, params: SamplingParams,
-         read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
-    """The interactive loop: /exit (or end of input) quits, /reset starts a new conversation."""
+         read: Callable[[str], str] | None = None, out: TextIO | None = None) -> None:
+    """The interactive loop: each message gets a streamed reply, which Ctrl-C stops; a line starting with a
+    /word is a command (COMMANDS), never a message. read, out: input() and sys.stdout unless given."""
+    read, out = read or input, out or sys.stdout
     color = out.isatty()
     messages: list[dict] = []
-    out.write("nanoseek chat: /reset starts over, /exit quits\n")
+    out.write("nanoseek chat: /help lists the commands, /exit quits, Ctrl-C stops a reply\n")
     while True:
         try:
             line = read("\nyou> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            out.write("\nbye\n")
             break
-        if line in ("/exit", "/quit"):
+        command = line.split(maxsplit=1)[0] if re.match(r"/[A-Za-z]", line) else None
+        if command in ("/exit", "/quit"):
             break
-        if line == "/reset":
+        if command == "/reset":
             messages = []
+            out.write("(a new conversation)\n")
+            continue
+        if command is not None:
+            unknown = f"unknown command {command}; " if command != "/help" else ""
+            out.write(unknown + "commands:\n" + "".join(f"  {name:<7} {what}\n" for name, what in COMMANDS.items()))
             continue
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        printer = ThinkingPrinter(out, color)
-        tokens = []
-        for token in engine.stream(encode_prompt(tokenizer, messages, template), params):
-            tokens.append(token)
-            if token not in params.stop_ids:
-                printer.write(_decode_increment(tokenizer, tokens))
-        printer.close()
+        reply = _stream_reply(engine, tokenizer, encode_prompt(tokenizer, messages, template), params,
+                              ThinkingPrinter(out, color))
         # Like DeepSeek's own template, the history keeps the answer, not the reasoning.
-        answer = tokenizer.decode(tokens, skip_special=True).split(END_THINK)[-1].strip()
+        answer = split_reasoning(reply, opens_thinking(messages, template))[1]
         messages.append({"role": "assistant", "content": answer})
+
+
+def _stream_reply(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+                  printer: ThinkingPrinter) -> str:
+    """Stream one reply through the printer -> its text (without the stop token). Ctrl-C stops the reply where
+    it is (the engine drops the request) and keeps what came so far."""
+    tokens: list[int] = []
+    stream = engine.stream(prompt, params)
+    try:
+        for token in stream:
+            if token in params.stop_ids:
+                break
+            tokens.append(token)
+            printer.write(_decode_increment(tokenizer, tokens))
+        printer.close()
+    except KeyboardInterrupt:
+        printer.close()
+        printer.out.write("(stopped)\n")
+    finally:
+        stream.close()
+    return tokenizer.decode(tokens)
 
 
 def _decode_increment(tokenizer: Tokenizer, tokens: list[int]) -> str:

@@ -1,9 +1,13 @@
-"""The generation engine: latent KV cache, continuous batching, sampling.
+"""The generation engine: requests in, tokens out, one step at a time.
 
-Requests wait in a queue; each running one holds a cache slot. A step prefills waiting requests into free
-slots, then decodes one token for every running request in one batched forward; a finished request frees
-its slot at once for the next waiting one. Each request samples with its own seeded generator, so its
-output does not depend on what it was batched with.
+`add_request` queues a request; each `step` decodes one token for every running request in one batched forward,
+then prefills waiting requests into the free cache slots, and reports which requests got which token and which
+finished. A finished or aborted request frees its slot at once for the next waiting one. Each request samples
+from its own generator, seeded with its params.seed, so its output does not depend on what it is batched with.
+`generate` and `stream` are short loops over add_request/step; a server or an RL rollout can drive the same three
+calls (and `abort`) itself. (generate and stream call step themselves: a loop of your own over step does not see
+the outputs of the steps they run.) The model runs in eval mode for the engine's forwards, whatever mode it is
+left in.
 """
 
 from __future__ import annotations
@@ -11,31 +15,67 @@ from __future__ import annotations
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from nanoseek.errors import NanoseekError
 from nanoseek.infer.cache import LatentKVCache
+from nanoseek.infer.sampling import Completion, SamplingParams, append_token, cut_after_stop, sample
+from nanoseek.infer.speculative import MTPSpeculator
 from nanoseek.model import DeepSeekV3
 
+if TYPE_CHECKING:
+    from nanoseek.data.tokenizer import Tokenizer
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    stop_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()  # needs the engine's tokenizer
-    seed: int = 0  # request i samples from a generator seeded with seed + i
+__all__ = ["Completion", "DecodeGraphs", "Engine", "EngineError", "SamplingParams", "StepOutput", "eval_mode"]
 
 
-@dataclass
-class Completion:
-    prompt: list[int]
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" (a stop id or string) or "length" (max_new_tokens)
-    text: str | None = None  # decoded tokens, when the engine has a tokenizer
+class EngineError(NanoseekError, ValueError):
+    """A request the engine cannot run; the message names the limit and how to get within it."""
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step gave one request."""
+
+    request_id: int
+    new_tokens: list[int]  # sampled in this step (one token: from the prefill, then one per decode)
+    completion: Completion | None = None  # the whole result (tokens, finish_reason, text), once it finished
+
+    @property
+    def finished(self) -> bool:
+        return self.completion is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self.completion is None else self.completion.finish_reason
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    id: int
+    params: SamplingParams
+    generator: torch.Generator  # CPU, seeded once: the request's draws
+    completion: Completion
+    slot: int | None = None  # its cache slot, while running
+    finished: bool = False
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block; a model that was training is put back in training mode after."""
+    if not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 class Engine:
@@ -43,9 +83,9 @@ class Engine:
     length), which on CUDA are captured once per size in CUDA graphs and replayed, removing the per-kernel launch
     cost that dominates small-batch decoding. Default: on for CUDA."""
 
-    def __init__(self, model: DeepSeekV3, max_batch: int = 32, max_len: int | None = None, tokenizer=None,
-                 static_decode: bool | None = None):
-        self.model = model.eval()
+    def __init__(self, model: DeepSeekV3, max_batch: int = 32, max_len: int | None = None,
+                 tokenizer: Tokenizer | None = None, static_decode: bool | None = None):
+        self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device = param.device
@@ -54,129 +94,159 @@ class Engine:
         # A static decode pads its batch with rows that write into one extra scratch slot, never a request's.
         self.cache = LatentKVCache(model.config, max_batch + static, max_len, self.device, param.dtype)
         self.max_batch = max_batch
-        self._decode_graphs = DecodeGraphs(model, self.cache, max_batch) if static else None
-        self._mtp_cache: LatentKVCache | None = None  # made on the first speculative request
+        with eval_mode(model):  # CUDA graphs record the forward of the mode they are captured in
+            self._decode_graphs = DecodeGraphs(model, self.cache, max_batch) if static else None
+        self._speculator: MTPSpeculator | None = None  # made on the first speculative request
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[int, _Request] = {}  # slot -> request
+        self._unfinished: dict[int, _Request] = {}  # id -> request, waiting or running, in arrival order
+        self._free_slots = list(range(max_batch))[::-1]  # taken from the end
+        self._next_id = 0
+
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
+        """Queue a request, sampling from a generator seeded with params.seed -> its id. It joins the running batch
+        at the next step with a free slot. Raises EngineError when it cannot fit the cache."""
+        params = params or SamplingParams()
+        self._check(prompt, params, "the prompt")
+        return self._enqueue(prompt, params, params.seed).id
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        params = params or SamplingParams()
-        self._check(prompts, params)
-        results = [Completion(list(p)) for p in prompts]
-        generators = [torch.Generator().manual_seed(params.seed + i) for i in range(len(prompts))]
-        waiting = deque(range(len(prompts)))
-        free = list(range(self.max_batch))[::-1]
-        running: dict[int, int] = {}  # slot -> request
-        while waiting or running:
-            admitted = {}  # slot -> request
-            while waiting and free:
-                admitted[free.pop()] = waiting.popleft()
+    def step(self) -> list[StepOutput]:
+        """Decode one token for every running request in one batched forward, then prefill waiting requests into
+        the free slots (their first token) -> one StepOutput per request that got a token (none when idle)."""
+        outputs: list[StepOutput] = []
+        with eval_mode(self.model):
+            if self._running:
+                slots = sorted(self._running)
+                batch = [self._running[slot] for slot in slots]
+                logits = self._decode(torch.tensor([r.completion.tokens[-1] for r in batch]), torch.tensor(slots))
+                outputs = self._take(batch, logits)
+            admitted = []
+            while self._waiting and self._free_slots:
+                request = self._waiting.popleft()
+                request.slot = self._free_slots.pop()
+                self._running[request.slot] = request
+                admitted.append(request)
             if admitted:
-                logits = self._prefill(list(admitted), [prompts[r] for r in admitted.values()])
-                tokens = self._sample(logits, params, [generators[r] for r in admitted.values()])
-                for (slot, request), token in zip(admitted.items(), tokens, strict=True):
-                    if not self._accept(results[request], token, params):
-                        running[slot] = request
-                    else:
-                        free.append(slot)
-            if not running:
-                continue
-            slots = sorted(running)
-            logits = self._decode(torch.tensor([results[running[s]].tokens[-1] for s in slots]),
-                                  torch.tensor(slots))
-            tokens = self._sample(logits, params, [generators[running[slot]] for slot in slots])
-            for slot, token in zip(slots, tokens, strict=True):
-                request = running[slot]
-                if self._accept(results[request], token, params):
-                    del running[slot]
-                    free.append(slot)
-        if self.tokenizer is not None:
-            for r in results:
-                r.text = self._truncate(self.tokenizer.decode(r.tokens), params)
-        return results
+                logits = self._prefill([r.slot for r in admitted], [r.completion.prompt for r in admitted])
+                outputs += self._take(admitted, logits)
+        return outputs
 
-    @torch.no_grad()
-    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[int]:
-        """One request, token by token as they are sampled (for interactive use); uses cache slot 0."""
+    def abort(self, request_id: int) -> bool:
+        """Stop a waiting or running request now, freeing its cache slot; it produces nothing more, and its
+        completion keeps the tokens so far with finish_reason "abort". -> True when it stopped one; an id that is
+        not unfinished (finished, aborted already, or never issued) is a no-op that returns False."""
+        request = self._unfinished.get(request_id)
+        if request is None:
+            return False
+        request.completion.finish_reason = "abort"
+        self._finish(request)
+        return True
+
+    @property
+    def unfinished(self) -> list[int]:
+        """The ids of the waiting and running requests, in arrival order."""
+        return list(self._unfinished)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._unfinished)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Run the prompts to the end -> their completions, in order; request i samples from a generator seeded
+        with params.seed + i. Steps the engine, so requests queued before advance (and may finish) meanwhile."""
         params = params or SamplingParams()
-        self._check([prompt], params)
-        generator = torch.Generator().manual_seed(params.seed)
-        completion = Completion(list(prompt))
-        logits = self._prefill([0], [prompt])
-        while True:
-            token = self._sample(logits, params, [generator])[0]
-            done = self._accept(completion, token, params)
-            yield token
-            if done:
-                return
-            logits = self._decode(torch.tensor([token]), torch.tensor([0]))
+        for i, prompt in enumerate(prompts):
+            self._check(prompt, params, f"prompt {i}")
+        requests = [self._enqueue(prompt, params, params.seed + i) for i, prompt in enumerate(prompts)]
+        with eval_mode(self.model):  # once for the whole loop rather than per step
+            for request in requests:
+                while not request.finished:
+                    self.step()
+        return [r.completion for r in requests]
 
-    @torch.no_grad()
+    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[int]:
+        """One request, token by token as they are sampled. It holds a slot of its own, so several streams can be
+        consumed alternately (each steps the engine when it has nothing to yield); closing a stream early aborts
+        its request."""
+        params = params or SamplingParams()
+        self._check(prompt, params, "the prompt")
+        request = self._enqueue(prompt, params, params.seed)
+        tokens, emitted = request.completion.tokens, 0
+        try:
+            while emitted < len(tokens) or not request.finished:
+                if emitted == len(tokens):
+                    self.step()
+                else:
+                    emitted += 1
+                    yield tokens[emitted - 1]
+        finally:
+            self.abort(request.id)
+
     def generate_speculative(self, prompt: list[int], params: SamplingParams | None = None
                              ) -> tuple[Completion, dict[str, float]]:
-        """Greedy decoding of one request where the MTP module drafts the next token and the main model checks
-        it in the same forward as the pending one; the output equals plain greedy decoding token for token.
-
-        Each verification feeds [pending, draft] (positions n, n+1). If the main model's prediction after
-        `pending` is the draft, both are kept and the prediction after the draft comes free; otherwise the
-        draft's cache entry is dropped and the main model's own token is kept. The MTP module then reads the
-        hidden states of the kept positions (with their next tokens) to draft again.
-        """
+        """Greedy decoding of one request where the MTP module drafts the next token and the main model checks it
+        in the same forward as the pending one (speculative.MTPSpeculator); the output equals plain greedy decoding
+        token for token. Runs at once, in a slot that is free -> (completion, acceptance stats)."""
         params = params or SamplingParams()
         if params.temperature > 0:
-            raise ValueError("speculative decoding is greedy here: use temperature 0")
-        self._check([prompt], SamplingParams(max_new_tokens=params.max_new_tokens + 1))
-        if self._mtp_cache is None:
-            self._mtp_cache = LatentKVCache(self.model.config, 1, self.cache.max_len, self.device,
-                                            self.cache.latent.dtype, layers=1)
-        slot = torch.tensor([0], device=self.device)
-        main, mtp = self.cache.bind(slot), self._mtp_cache.bind(slot)
-        main.reset(0)
-        mtp.reset(0)
-        completion = Completion(list(prompt))
-        logits, hidden = self.model(torch.tensor([prompt], device=self.device), cache=main, return_hidden=True)
-        main.advance(len(prompt))
-        pending = int(logits[0, -1].argmax())
-        draft = self._draft(hidden, prompt[1:] + [pending])
-        proposed = accepted = 0
-        done = self._accept(completion, pending, params)
-        while not done:
-            proposed += 1
-            logits, hidden = self.model(torch.tensor([[pending, draft]], device=self.device), cache=main,
-                                        return_hidden=True)
-            main.advance(2)
-            verified = int(logits[0, 0].argmax())
-            if verified == draft:
-                accepted += 1
-                kept = [draft, int(logits[0, 1].argmax())]
-            else:
-                main.advance(-1)  # the draft's position is wrong: drop it
-                kept, hidden = [verified], hidden[:, :1]
-            draft = self._draft(hidden, kept)
-            for token in kept:
-                if done := self._accept(completion, token, params):
-                    break
-            pending = kept[-1]
-        if self.tokenizer is not None:
-            completion.text = self._truncate(self.tokenizer.decode(completion.tokens), params)
-        stats = {"proposed": proposed, "accepted": accepted, "acceptance_rate": accepted / max(1, proposed),
-                 "tokens_per_forward": len(completion.tokens) / (1 + proposed)}
-        return completion, stats
+            raise EngineError("speculative decoding is greedy here: use temperature 0")
+        if not self.model.mtp:
+            raise EngineError("speculative decoding drafts with the MTP module; this model has none "
+                              "(num_nextn_predict_layers = 0)")
+        self._check(prompt, params, "the prompt", draft_tokens=1)
+        if not self._free_slots:
+            raise EngineError(f"speculative decoding needs a free cache slot; all {self.max_batch} hold running "
+                              "requests")
+        if self._speculator is None:
+            self._speculator = MTPSpeculator(self.model, self.cache)
+        with eval_mode(self.model):
+            return self._speculator.generate(prompt, params, self._free_slots[-1], self.tokenizer)
 
-    def _draft(self, hidden: torch.Tensor, next_tokens: list[int]) -> int:
-        """MTP over the positions whose hidden states are given, each with its next token -> the draft token."""
-        logits = self.model.mtp_draft(hidden, torch.tensor([next_tokens], device=self.device), self._mtp_cache)
-        self._mtp_cache.advance(len(next_tokens))
-        return int(logits[0, -1].argmax())
-
-    def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+    def _check(self, prompt: list[int], params: SamplingParams, name: str, draft_tokens: int = 0) -> None:
         if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need an Engine built with a tokenizer")
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty")
-            if len(prompt) + params.max_new_tokens > self.cache.max_len:
-                raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens {params.max_new_tokens} "
-                                 f"exceeds the cache's {self.cache.max_len} tokens per sequence")
+            raise EngineError("stop_strings need an Engine built with a tokenizer (Engine(..., tokenizer=...))")
+        if not prompt:
+            raise EngineError(f"{name} is empty: a request needs at least one token (e.g. the bos token)")
+        needed = len(prompt) + params.max_new_tokens + draft_tokens
+        if needed > self.cache.max_len:
+            draft = f" + {draft_tokens} draft token" if draft_tokens else ""
+            raise EngineError(f"{name} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens}{draft} = "
+                              f"{needed} > the cache's {self.cache.max_len} tokens per sequence; raise the engine's "
+                              "max_len (--max-len) or shorten the prompt")
+
+    def _enqueue(self, prompt: list[int], params: SamplingParams, seed: int) -> _Request:
+        if not self._unfinished:  # an idle engine hands out slots from 0 up: the same calls make the same batches
+            self._free_slots = list(range(self.max_batch))[::-1]
+        request = _Request(self._next_id, params, torch.Generator().manual_seed(seed), Completion(list(prompt)))
+        self._next_id += 1
+        self._unfinished[request.id] = request
+        self._waiting.append(request)
+        return request
+
+    def _take(self, requests: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample each request's next token from its row of logits (B, V); finish the requests that stop."""
+        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        outputs = []
+        for request, token in zip(requests, tokens, strict=True):
+            finished = append_token(request.completion, token, request.params, self.tokenizer)
+            if finished:
+                self._finish(request)
+            outputs.append(StepOutput(request.id, [token], request.completion if finished else None))
+        return outputs
+
+    def _finish(self, request: _Request) -> None:
+        """Take a request out of the queue or its slot (freed for the next waiting one); decode its text."""
+        if request.slot is None:
+            self._waiting.remove(request)
+        else:
+            del self._running[request.slot]
+            self._free_slots.append(request.slot)
+            request.slot = None
+        del self._unfinished[request.id]
+        request.finished = True
+        if self.tokenizer is not None:
+            request.completion.text = cut_after_stop(self.tokenizer.decode(request.completion.tokens),
+                                                     request.params)
 
     def _decode(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """One token (B,) for each of the slots (B,) -> next-token logits (B, V) float32; the slots advance."""
@@ -212,43 +282,6 @@ class Engine:
             self.cache.advance(lengths)
             start = end
         return torch.cat(logits)
-
-    def _accept(self, completion: Completion, token: int, params: SamplingParams) -> bool:
-        """Append the token; True when the request is finished."""
-        completion.tokens.append(token)
-        if token in params.stop_ids:
-            completion.finish_reason = "stop"
-            return True
-        if params.stop_strings:
-            tail = self.tokenizer.decode(completion.tokens[-16:])
-            if any(s in tail for s in params.stop_strings):
-                completion.finish_reason = "stop"
-                return True
-        return len(completion.tokens) >= params.max_new_tokens
-
-    @staticmethod
-    def _truncate(text: str, params: SamplingParams) -> str:
-        cut = min((text.index(s) + len(s) for s in params.stop_strings if s in text), default=len(text))
-        return text[:cut]
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> list[int]:
-        """logits (B, V) float32, one CPU generator per row -> one token id per row. The filtering runs batched on
-        the logits' device; the draws run on the CPU from each request's own generator (one transfer per step),
-        so a request's tokens depend only on its seed, not on its batch or device."""
-        if params.temperature <= 0:
-            return logits.argmax(dim=-1).tolist()
-        logits = logits / params.temperature
-        if params.top_k:
-            cut = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < cut, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        probs = probs.cpu()
-        return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, generators, strict=True)]
 
 
 class DecodeGraphs:

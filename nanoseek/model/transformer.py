@@ -6,8 +6,9 @@ so that checkpoint I/O is a near-identity mapping (nanoseek/checkpoint.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,13 @@ class MTPModule(nn.Module):
                 cache: LatentCacheLayer | None = None):
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
         return self.block(x, cos, sin, cache)
+
+
+class Routed(NamedTuple):
+    """What one MoE layer's router did in a forward."""
+
+    counts: torch.Tensor  # (n_experts,) tokens routed to each expert, for the bias update
+    balance: torch.Tensor  # () sequence-wise balance loss, before alpha
 
 
 @dataclass
@@ -138,41 +146,63 @@ class DeepSeekV3(nn.Module):
         for router, load in zip(routers, expert_counts):
             router.update_bias(load, speed)
 
-    # ------------------------------------------------------------------ forward
-    def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rotary(torch.arange(seq_len, device=device))
-        return cos.unsqueeze(0), sin.unsqueeze(0)  # (1, S, rope_dim/2)
+    # ------------------------------------------------------------------ the pieces of the forward
+    # forward, compute_loss and the pipeline's chunks (parallel/pipeline.py) are all built from these.
+    def rope(self, seq_len: int, cache: LatentCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, S, rope_dim/2) of positions 0..S-1, or with a cache (B, S, rope_dim/2): each row continues
+        from where its cache ends."""
+        if cache is not None:
+            return self.rotary(cache.positions(seq_len))
+        cos, sin = self.rotary(torch.arange(seq_len, device=self.rotary.inv_freq.device))
+        return cos.unsqueeze(0), sin.unsqueeze(0)
 
-    def _run(self, input_ids: torch.Tensor, with_mtp: bool, cache: LatentCache | None = None):
-        """-> final normed hidden (B, S, H), MTP depths' normed hiddens, per-MoE-layer counts and balance losses."""
-        if cache is None:
-            cos, sin = self._rope(input_ids.shape[1], input_ids.device)
-        else:
-            cos, sin = self.rotary(cache.positions(input_ids.shape[1]))  # (B, S, rope_dim/2): each row its own
-        x = self.embed_tokens(input_ids)
-        counts, balances = [], []
-        for i, block in enumerate(self.layers):
-            x, c, b = block(x, cos, sin, None if cache is None else cache.layer(i))
-            if c is not None:
-                counts.append(c)
-                balances.append(b)
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   layer_ids: Iterable[int] | None = None,
+                   cache: LatentCache | None = None) -> tuple[torch.Tensor, dict[int, Routed]]:
+        """The blocks layer_ids (default: all, in order) on x (B, S, H) -> x (B, S, H), and each MoE layer's Routed."""
+        routed: dict[int, Routed] = {}
+        for i in range(len(self.layers)) if layer_ids is None else layer_ids:
+            x, counts, balance = self.layers[i](x, cos, sin, None if cache is None else cache.layer(i))
+            if counts is not None:
+                routed[i] = Routed(counts, balance)
+        return x, routed
+
+    def run_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, Routed]]:
+        """The MTP depths from the main model's final normed hidden (B, S, H) -> each depth k's normed hidden
+        (B, S-k, H) and each MoE block's Routed (depth k's block is layer num_hidden_layers + k - 1).
+
+        Depth k at position t sees h^{k-1}_t and the embedding of input t+k (RoPE positions 0..S-k-1).
+        """
+        prev, depths, routed = hidden, [], {}
+        for k, module in enumerate(self.mtp, start=1):
+            length = input_ids.shape[1] - k
+            if length <= 0:
+                break
+            prev, counts, balance = module(prev[:, :length], self.embed_tokens(input_ids[:, k:]), cos[:, :length],
+                                           sin[:, :length])
+            if counts is not None:
+                routed[self.config.num_hidden_layers + k - 1] = Routed(counts, balance)
+            depths.append(module.norm(prev))
+        return depths, routed
+
+    def head_loss(self, x: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float,
+                  cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, Routed]]:
+        """From the last block's output x (B, S, H): the final norm, the output head's cross-entropy and, when
+        mtp_weight > 0, the MTP depths' -> lm loss, MTP loss (None when MTP is off), the MTP blocks' Routed.
+
+        The head runs fused with its cross-entropy, chunk by chunk over the tokens (losses.linear_cross_entropy):
+        the (tokens, vocab) logits are never held whole.
+        """
         hidden = self.norm(x)
-        mtp_hidden = []
-        if with_mtp:
-            # Depth k at position t sees h^{k-1}_t and the embedding of input t+k (RoPE positions 0..S-k-1).
-            prev = hidden
-            for k, module in enumerate(self.mtp, start=1):
-                length = input_ids.shape[1] - k
-                if length <= 0:
-                    break
-                prev, c, b = module(prev[:, :length], self.embed_tokens(input_ids[:, k:]), cos[:, :length],
-                                    sin[:, :length])
-                if c is not None:
-                    counts.append(c)
-                    balances.append(b)
-                mtp_hidden.append(module.norm(prev))
-        return hidden, mtp_hidden, counts, balances
+        lm_loss = linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        if mtp_weight <= 0 or not self.mtp:
+            return lm_loss, None, {}
+        depths, routed = self.run_mtp(hidden, input_ids, cos, sin)
+        depth_loss = mtp_linear_cross_entropy(depths, self.lm_head.weight, targets) if depths else None
+        return lm_loss, depth_loss, routed
 
+    # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, cache: LatentCache | None = None,
                 return_hidden: bool = False):
         """input_ids (B, S) -> logits (B, S, V); with return_mtp, also a list of D tensors (B, S-k, V).
@@ -183,13 +213,16 @@ class DeepSeekV3(nn.Module):
         """
         if cache is not None and return_mtp:
             raise ValueError("the MTP heads run without a cache; draft with mtp_draft()")
-        hidden, mtp_hidden, _, _ = self._run(input_ids, with_mtp=return_mtp, cache=cache)
+        cos, sin = self.rope(input_ids.shape[1], cache)
+        x, _ = self.run_layers(self.embed_tokens(input_ids), cos, sin, cache=cache)
+        hidden = self.norm(x)  # (B, S, H)
         logits = self.lm_head(hidden)
         if return_hidden:
             return logits, hidden
         if not return_mtp:
             return logits
-        return logits, [self.lm_head(h) for h in mtp_hidden]
+        depths, _ = self.run_mtp(hidden, input_ids, cos, sin)
+        return logits, [self.lm_head(h) for h in depths]
 
     def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """Speculative decoding's draft: the first MTP module at positions t, from the main model's hidden h_t
@@ -197,7 +230,7 @@ class DeepSeekV3(nn.Module):
         token t+2 (B, S, V)."""
         if not self.mtp:
             raise ValueError("this model has no MTP module to draft with")
-        cos, sin = self.rotary(cache.positions(next_ids.shape[1]))
+        cos, sin = self.rope(next_ids.shape[1], cache)
         x, _, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache.layer(0))
         return self.lm_head(self.mtp[0].norm(x))
 
@@ -206,29 +239,18 @@ class DeepSeekV3(nn.Module):
         """Training loss. targets (B, S): the next token of each position, IGNORE_INDEX where none.
 
         mtp_weight (lambda) and balance_alpha default to the config's; 0 switches a term off (MTP off also
-        skips the MTP forward). The output head and its cross-entropy run fused, chunk by chunk over the tokens
-        (losses.linear_cross_entropy): the (tokens, vocab) logits are never held whole.
+        skips the MTP forward). The head's cross-entropy runs fused (head_loss).
         """
         c = self.config
         mtp_weight = c.mtp_loss_weight if mtp_weight is None else mtp_weight
         balance_alpha = c.aux_loss_alpha if balance_alpha is None else balance_alpha
-        use_mtp = mtp_weight > 0 and len(self.mtp) > 0
-        hidden, mtp_hidden, counts, balances = self._run(input_ids, with_mtp=use_mtp)
-        lm_loss = linear_cross_entropy(hidden, self.lm_head.weight, targets)
-        loss = lm_loss
-        depth_loss = None
-        if use_mtp and mtp_hidden:
-            depth_loss = mtp_linear_cross_entropy(mtp_hidden, self.lm_head.weight, targets)
-            loss = loss + mtp_weight * depth_loss
-        balance = torch.stack(balances).sum() if balances else lm_loss.new_zeros(())
+        cos, sin = self.rope(input_ids.shape[1])
+        x, routed = self.run_layers(self.embed_tokens(input_ids), cos, sin)
+        lm_loss, depth_loss, mtp_routed = self.head_loss(x, input_ids, targets, mtp_weight, cos, sin)
+        routed |= mtp_routed
+        loss = lm_loss if depth_loss is None else lm_loss + mtp_weight * depth_loss
+        balance = torch.stack([r.balance for r in routed.values()]).sum() if routed else lm_loss.new_zeros(())
         if balance_alpha > 0:
             loss = loss + balance_alpha * balance
-        expert_counts = torch.stack(counts) if counts else None
+        expert_counts = torch.stack([r.counts for r in routed.values()]) if routed else None
         return LossOutput(loss, lm_loss, depth_loss, balance, expert_counts)
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, path, max_shard_bytes: int = 4 << 30) -> None:
-        """Write a Hugging Face DeepSeek-V3 checkpoint directory (config.json + safetensors)."""
-        from nanoseek.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

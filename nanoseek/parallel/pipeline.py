@@ -17,15 +17,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.moe import MoE, Router
-from nanoseek.model.transformer import IGNORE_INDEX, mtp_loss
+from nanoseek.model.transformer import Routed
 from nanoseek.parallel.mesh import LayoutError, ParallelContext
 
 
@@ -43,8 +43,9 @@ class AddAuxLoss(torch.autograd.Function):
         return grad, grad.new_ones(ctx.aux_shape)
 
 
-@dataclass
-class MicroBatch:
+class MicroBatch(Protocol):
+    """What a chunk reads of a micro-batch (train.pretrain.TokenBatch is one)."""
+
     input_ids: torch.Tensor  # (mb, S)
     targets: torch.Tensor  # (mb, S)
     share: float  # its tokens / the step's tokens (all data-parallel ranks)
@@ -57,14 +58,17 @@ class StepWeights:
 
 
 class Chunk(nn.Module):
-    """Layers [first_layer, last_layer) of the model; the first chunk embeds, the last one returns the loss."""
+    """Layers layer_ids of the model; the first chunk embeds, the last one returns the weighted loss.
+
+    The math is the model's own (rope, run_layers, head_loss); the chunk registers only its own modules, which
+    the stage's backward splits into input and weight gradients by.
+    """
 
     def __init__(self, model: DeepSeekV3, layer_ids: list[int], first: bool, last: bool, weights: StepWeights):
         super().__init__()
-        self.config = model.config
-        self.first, self.last, self.weights = first, last, weights
+        self.first, self.last, self.weights, self.layer_ids = first, last, weights, layer_ids
+        self.rope, self.run_layers, self.head_loss = model.rope, model.run_layers, model.head_loss
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
-        self.rotary = model.rotary
         if first or last:
             self.embed_tokens = model.embed_tokens  # the last chunk's MTP modules embed too (same rank)
         if last:
@@ -78,48 +82,34 @@ class Chunk(nn.Module):
         self.counts = {}
         self.totals = torch.zeros(3, dtype=torch.float64)
 
-    def _balance(self, layer_id: int, counts, balance, share: float) -> torch.Tensor | float:
-        """Record an MoE layer's loads; -> its weighted balance loss term (0.0 for a dense layer)."""
-        if counts is None:
-            return 0.0
-        self.counts[layer_id] = self.counts.get(layer_id, 0) + counts
-        self.totals[2] += float(balance.detach()) * share
-        return balance * (self.weights.balance * share)
+    def _aux(self, routed: dict[int, Routed], share: float) -> torch.Tensor | None:
+        """Record the MoE layers' loads and balance losses; -> their weighted balance loss (None: no term)."""
+        terms = []
+        for layer_id, r in routed.items():
+            self.counts[layer_id] = self.counts.get(layer_id, 0) + r.counts
+            self.totals[2] += float(r.balance.detach()) * share
+            terms.append(r.balance * (self.weights.balance * share))
+        return torch.stack(terms).sum() if terms and self.weights.balance > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """first: input ids (mb, S), else hidden (mb, S, H) -> hidden (mb, S, H), or the weighted loss (last)."""
         mb = self.queue.popleft()
         if self.first:
             x = self.embed_tokens(x)
-        cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device))
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-        aux = 0.0
-        for name, block in self.layers.items():
-            x, counts, balance = block(x, cos, sin)
-            aux = aux + self._balance(int(name), counts, balance, mb.share)
+        cos, sin = self.rope(x.shape[1])
+        x, routed = self.run_layers(x, cos, sin, self.layer_ids)
         if not self.last:
-            return AddAuxLoss.apply(x, aux) if isinstance(aux, torch.Tensor) and self.weights.balance > 0 else x
-        hidden = self.norm(x)
-        lm = F.cross_entropy(self.lm_head(hidden).flatten(0, 1).float(), mb.targets.flatten(),
-                             ignore_index=IGNORE_INDEX)
-        loss = lm
+            aux = self._aux(routed, mb.share)
+            return x if aux is None else AddAuxLoss.apply(x, aux)
+        lm, depth, mtp_routed = self.head_loss(x, mb.input_ids, mb.targets, self.weights.mtp, cos, sin)
+        aux = self._aux(routed | mtp_routed, mb.share)
         self.totals[0] += float(lm.detach()) * mb.share
-        if self.weights.mtp > 0 and len(self.mtp):
-            prev, logits = hidden, []
-            for k, module in enumerate(self.mtp, start=1):
-                length = mb.input_ids.shape[1] - k
-                if length <= 0:
-                    break
-                prev, counts, balance = module(prev[:, :length], self.embed_tokens(mb.input_ids[:, k:]),
-                                               cos[:, :length], sin[:, :length])
-                aux = aux + self._balance(self.config.num_hidden_layers + k - 1, counts, balance, mb.share)
-                logits.append(self.lm_head(module.norm(prev)))
-            if logits:
-                depth = mtp_loss(logits, mb.targets)
-                self.totals[1] += float(depth.detach()) * mb.share
-                loss = loss + self.weights.mtp * depth
+        loss = lm
+        if depth is not None:
+            self.totals[1] += float(depth.detach()) * mb.share
+            loss = loss + self.weights.mtp * depth
         loss = loss * mb.share
-        return loss + aux if isinstance(aux, torch.Tensor) and self.weights.balance > 0 else loss
+        return loss if aux is None else loss + aux
 
 
 def chunk_layers(n_layers: int, pp: int) -> list[list[int]]:
@@ -153,10 +143,10 @@ class Pipeline:
         h, dev = model.config.hidden_size, ctx.device
         hidden = torch.empty(micro_batch, seq_len, h, device=dev, requires_grad=True)
         ids = torch.empty(micro_batch, seq_len, dtype=torch.long, device=dev)
+        loss = torch.empty((), device=dev, requires_grad=True)
         # Shapes given up front (static metadata): the schedule runs no extra forward to infer them.
         self.stages = [PipelineStage(chunk, c, 2 * pp, dev, input_args=(ids if c == 0 else hidden,),
-                                     output_args=torch.empty((), device=dev, requires_grad=True) if c == 2 * pp - 1 else hidden,
-                                     group=ctx.pp_group)
+                                     output_args=loss if c == 2 * pp - 1 else hidden, group=ctx.pp_group)
                        for chunk, c in zip(self.chunks, mine)]
         self.schedules: dict[int, ScheduleDualPipeV] = {}
         self.last_step_time = 0.0

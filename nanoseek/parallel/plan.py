@@ -3,13 +3,15 @@
 All sizes come from the model's own module tree (nanoseek.model.params, on the meta device); the rest
 are stated assumptions, printed with the plan. Defaults are DeepSeek-V3's published setup: H800 nodes of
 8 GPUs (NVLink 160 GB/s, InfiniBand 50 GB/s per GPU), BF16 weights, FP32 gradients and master weights,
-BF16 AdamW moments, sequence length 4096, 15360 sequences per step.
+BF16 AdamW moments, sequence length 4096, 15360 sequences per step, PP16 (DualPipe) x EP64; the backward
+recomputes the least that makes the plan fit in memory (`recompute="auto"`) unless told what.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,16 +22,17 @@ from nanoseek.model.transformer import DeepSeekV3
 from nanoseek.parallel.mesh import LayoutError
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+RECOMPUTE = ("none", "selective", "full")  # from the most memory to the least
 GB = 1e9
 
 
 @dataclass
 class Cluster:
-    gpus_per_node: int = 8
-    nodes: int = 256
-    memory_gb: float = 80.0
-    intra_node_gbs: float = 160.0  # NVLink, GB/s per GPU (the V3 paper's figure for H800)
-    inter_node_gbs: float = 50.0  # InfiniBand, GB/s per GPU (400 Gb/s NIC)
+    gpus_per_node: int = 8  # GPUs joined by NVLink in one node
+    nodes: int = 256  # nodes joined by InfiniBand
+    memory_gb: float = 80.0  # memory per GPU, GB
+    intra_node_gbs: float = 160.0  # NVLink bandwidth, GB/s per GPU (the V3 paper's figure for H800)
+    inter_node_gbs: float = 50.0  # InfiniBand bandwidth, GB/s per GPU (400 Gb/s NIC)
     peak_tflops: float = 989.0  # dense BF16 per GPU (H800/H100 SXM); MFU is measured against it
 
     @property
@@ -39,26 +42,31 @@ class Cluster:
 
 @dataclass
 class PlanLayout:
-    pp: int = 16
-    ep: int = 64
-    schedule: str = "dualpipe"  # how the pp ranks run: 1f1b, zb1p, dualpipe (2 weight copies), dualpipev
+    pp: int = 16  # pipeline ranks (DeepSeek-V3: 16)
+    ep: int = 64  # expert-parallel ranks (DeepSeek-V3: 64, over 8 nodes); data parallelism takes the rest
+    schedule: Literal["1f1b", "zb1p", "dualpipe", "dualpipev"] = "dualpipe"  # how the pp ranks run
+                                                                              # (dualpipe keeps 2 weight copies)
 
 
 @dataclass
 class Workload:
-    seq_len: int = 4096
+    seq_len: int = 4096  # tokens per sequence
     global_batch: int = 15360  # sequences per optimizer step
     micro_batch: int = 1  # sequences per pipeline micro-batch
     mfu: float = 0.45  # model FLOPs utilisation against peak_tflops (stated, not derived)
-    weight_bytes: float = 2.0  # BF16 weights (FP8 GEMMs quantise on the fly)
-    grad_bytes: float = 4.0  # FP32 gradient accumulation, not sharded under ZeRO-1
-    optimizer_bytes: float = 8.0  # FP32 master weights + BF16 first and second moments, sharded under ZeRO-1
-    recompute: str = "selective"  # V3's: RMSNorm and MLA up-projections recomputed (or none, full)
+    weight_bytes: float = 2.0  # bytes per weight: BF16 (FP8 GEMMs quantise on the fly)
+    grad_bytes: float = 4.0  # bytes per gradient: FP32 accumulation, not sharded under ZeRO-1
+    optimizer_bytes: float = 8.0  # bytes per parameter of optimizer state: FP32 master weights + BF16 first and
+                                  # second moments, sharded under ZeRO-1
+    recompute: Literal["auto", "none", "selective", "full"] = "auto"  # what the backward recomputes: selective is
+                                                                      # V3's (RMSNorm, MLA up-projections), full
+                                                                      # each block; auto: the least that fits
 
 
 @dataclass
 class Plan:
     rows: list[tuple[str, str]]
+    recompute: str  # what the backward recomputes ("auto" resolved)
     memory_gb: dict[str, float]
     bubbles: dict[str, float]
     gpu_hours_per_trillion: float
@@ -150,6 +158,8 @@ def plan(config: ModelConfig, cluster: Cluster, layout: PlanLayout, work: Worklo
         raise LayoutError(f"{config.n_routed_experts} routed experts do not split over ep={layout.ep}")
     if layout.schedule not in SCHEDULES:
         raise LayoutError(f"schedule {layout.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if work.recompute not in ("auto", *RECOMPUTE):
+        raise LayoutError(f"recompute {work.recompute!r}: choose one of auto, {', '.join(RECOMPUTE)}")
     dp = world // (layout.pp * layout.ep)
     data_ranks = dp * layout.ep
     if work.global_batch % (data_ranks * work.micro_batch):
@@ -188,11 +198,21 @@ def plan(config: ModelConfig, cluster: Cluster, layout: PlanLayout, work: Worklo
                 "dualpipev": 2 * layout.pp + 1}[layout.schedule]
     if layout.pp == 1:
         chunk_layers, inflight = len(layers), 1
-    per_token_layer = activation_bytes_per_token_layer(config, config.n_routed_experts > 0, work.recompute)
     micro_tokens = work.micro_batch * work.seq_len
-    activations = inflight * chunk_layers * micro_tokens * per_token_layer
-    if work.recompute == "full":  # plus the one block being recomputed
-        activations += micro_tokens * activation_bytes_per_token_layer(config, True, "selective")
+
+    def activation_bytes(recompute: str) -> float:
+        stored = inflight * chunk_layers * micro_tokens * activation_bytes_per_token_layer(
+            config, config.n_routed_experts > 0, recompute)
+        if recompute == "full":  # plus the one block being recomputed
+            stored += micro_tokens * activation_bytes_per_token_layer(config, True, "selective")
+        return stored
+
+    recompute = work.recompute
+    if recompute == "auto":  # the least recomputation that fits (full when none does)
+        recompute = next((r for r in RECOMPUTE if (weights + grads + optimizer + activation_bytes(r)) / GB
+                          <= cluster.memory_gb), RECOMPUTE[-1])
+    per_token_layer = activation_bytes_per_token_layer(config, config.n_routed_experts > 0, recompute)
+    activations = activation_bytes(recompute)
     memory = {"weights": weights / GB, "gradients": grads / GB, "optimizer": optimizer / GB,
               "activations": activations / GB}
     memory["total"] = sum(memory.values())
@@ -250,7 +270,8 @@ def plan(config: ModelConfig, cluster: Cluster, layout: PlanLayout, work: Worklo
                          f"{memory['activations']:.1f} GB"),
         ("", f"= {memory['total']:.1f} GB of {cluster.memory_gb:g} GB "
              f"({'fits' if memory['total'] <= cluster.memory_gb else 'DOES NOT FIT'})"),
-        ("activations", f"{per_token_layer / 1e3:.0f} KB/token/layer ({work.recompute} recompute) x "
+        ("activations", f"{per_token_layer / 1e3:.0f} KB/token/layer ({recompute} recompute"
+                        f"{', chosen by auto: the least that fits' if work.recompute == 'auto' else ''}) x "
                         f"{micro_tokens} tokens x {chunk_layers} layers/chunk x {inflight} in flight"),
         ("pipeline bubble", ", ".join(f"{s} {100 * f:.1f}%" for s, f in bubbles.items())
          + f"  (B=2F, W=F, F&B=F+B; {micro_batches} micro-batches)"),
@@ -262,7 +283,7 @@ def plan(config: ModelConfig, cluster: Cluster, layout: PlanLayout, work: Worklo
         ("GPU-hours / 1T tokens", f"{gpu_hours / 1e3:.0f}K at MFU {100 * work.mfu:.0f}% "
                                   f"({days:.1f} days per trillion tokens on {world} GPUs)"),
     ]
-    return Plan(rows, memory, bubbles, gpu_hours, ib_bytes + nvlink_bytes)
+    return Plan(rows, recompute, memory, bubbles, gpu_hours, ib_bytes + nvlink_bytes)
 
 
 def format_plan(p: Plan) -> str:

@@ -1,9 +1,13 @@
-"""Parallel pretraining under torchrun: `torchrun --nproc-per-node N -m nanoseek.parallel.train --pp P --ep E ...`.
+"""Training stages under torchrun: `torchrun --nproc-per-node N -m nanoseek.parallel.train {pretrain,grpo} ...`.
 
-The same data, model and options as `nanoseek pretrain` (every TrainConfig field is a flag), on a
-(pp, dp, ep) mesh with dp = N / (pp * ep). Rank 0 prepares the data (the built-in corpus by default) while
-the others wait; every rank builds the model from the same seed and keeps its part. Checkpoints are
-distributed (checkpoints/step_N, any layout resumes them with --resume); metrics and plots come from rank 0.
+The same stages, data and options as `nanoseek pretrain` and `nanoseek grpo`, on the shared step of
+ParallelTrainer:
+  pretrain  a (pp, dp, ep) mesh with dp = N / (pp * ep). Rank 0 prepares the data (the built-in corpus by
+            default) while the others wait; every rank builds the model from the same seed and keeps its part.
+  grpo      data parallel over all N ranks: every rank generates the completions of its share of each step's
+            prompts, and the gradients are all-reduced.
+Checkpoints are distributed (checkpoints/step_N; any layout resumes them with --resume, with the run's own
+saved settings); metrics and plots come from rank 0.
 """
 
 from __future__ import annotations
@@ -11,74 +15,123 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nanoseek.cli import _add_dataclass_options, _from_args
-from nanoseek.data.shards import TokenLoader, heldout_batches
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.config import get_preset
+from nanoseek.data.shards import TokenLoader
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
+from nanoseek.options import HelpFormatter, add_dataclass_options, from_args, given_options, positive_int
 from nanoseek.parallel.mesh import Layout, init_parallel
 from nanoseek.parallel.trainer import ParallelTrainer
-from nanoseek.train.loop import TrainConfig
-from nanoseek.train.pretrain import DataConfig, prepare_data
+from nanoseek.train.grpo import (GRPO_TRAIN_DEFAULTS, GRPO_UNUSED_OPTIONS, GRPOConfig, GRPOLossConfig, GRPOStage,
+                                 ProblemStream, write_report)
+from nanoseek.train.loop import TrainConfig, run_settings
+from nanoseek.train.pretrain import LanguageModelStage, PretrainConfig, prepare_data
 
 
-def run(setup: DataConfig, train: TrainConfig, layout: Layout, resume: bool = False) -> dict:
-    from nanoseek.config import get_preset
-
-    preset = get_preset(setup.preset)
-    out = Path(train.out_dir)
+def _init_process_group(device: str) -> None:
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and train.device != "cpu" else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+
+
+def run_pretrain(config: PretrainConfig | None, train: TrainConfig | None, layout: Layout, resume: bool = False,
+                 changes: dict[str, Any] | None = None) -> dict:
+    config, train = run_settings("pretrain", PretrainConfig, config, train, resume, changes)
+    preset = get_preset(config.preset)
+    out = Path(train.out_dir)
+    _init_process_group(train.device)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        prepare_data(setup, out / "data", preset.vocab_size, train.seed)
+        prepare_data(config, out / "data", preset.vocab_size, train.seed)
     dist.barrier()
-    data_dir = Path(setup.data[0]) if len(setup.data) == 1 and (Path(setup.data[0]) / "meta.json").is_file() \
+    data_dir = Path(config.data[0]) if len(config.data) == 1 and (Path(config.data[0]) / "meta.json").is_file() \
         else out / "data"
     tokenizer = Tokenizer.load(data_dir)
-    config = preset.replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                            eos_token_id=tokenizer.eos_id)
-    ctx = init_parallel(layout, config, train.device)
+    model_config = preset.replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                  eos_token_id=tokenizer.eos_id)
+    ctx = init_parallel(layout, model_config, train.device)
     torch.manual_seed(train.seed)
     with torch.device(ctx.device):
-        model = DeepSeekV3(config)
-    loader = TokenLoader(data_dir, "train", seq_len=train.seq_len, seed=train.seed)
+        model = DeepSeekV3(model_config)
+    loader = TokenLoader(data_dir, "train", seq_len=config.seq_len, seed=train.seed)
+    # The held-out loss runs the whole model's forward, which a pipeline rank does not hold.
+    stage = LanguageModelStage(loader, config, model_config, heldout_data=data_dir if layout.pp == 1 else None)
+    trainer = ParallelTrainer(model, stage, train, ctx, seq_len=config.seq_len,
+                              micro_batch_size=config.micro_batch_size)
+    return _fit(trainer, resume, f"{layout} on {dist.get_world_size()} ranks")
 
-    def heldout():
-        return list(heldout_batches(data_dir, train.seq_len, train.micro_batch_size, train.eval_batches))
 
-    trainer = ParallelTrainer(model, loader, train, ctx, heldout=heldout if layout.pp == 1 else None)
-    if resume and not trainer.resume():
-        raise NanoseekError(f"nothing to resume: {out} has no checkpoint")
-    result = trainer.fit(progress=ctx.is_main)
-    if ctx.is_main:
+def run_grpo(grpo: GRPOConfig | None, train: TrainConfig | None, resume: bool = False,
+             changes: dict[str, Any] | None = None) -> dict:
+    grpo, train = run_settings("grpo", GRPOConfig, grpo, train or GRPO_TRAIN_DEFAULTS, resume, changes)
+    _init_process_group(train.device)
+    path = resolve_checkpoint(grpo.model)
+    tokenizer = Tokenizer.load(path)
+    model = load_pretrained(path)
+    ctx = init_parallel(Layout(dp=dist.get_world_size()), model.config, train.device)
+    stage = GRPOStage(tokenizer, ProblemStream(train.seed, grpo.difficulty), grpo)
+    trainer = ParallelTrainer(model, stage, train, ctx)
+    started = time.perf_counter()
+    result = _fit(trainer, resume, f"GRPO, {ctx.layout.dp} data-parallel ranks")
+    if trainer.is_main and result["stopped"] is None:
+        write_report(trainer.out_dir, path, result["step"], (time.perf_counter() - started) / 60, train.seed)
+    return result
+
+
+def _fit(trainer: ParallelTrainer, resume: bool, what: str) -> dict:
+    if resume:
+        trainer.resume()
+    result = trainer.fit(progress=trainer.is_main)
+    if trainer.is_main:
         held = result["heldout"]
-        print(f"{layout} on {dist.get_world_size()} ranks ({ctx.device.type}): {trainer.step} steps, "
-              f"{trainer.tokens:,} tokens" + (f", held-out loss {held['loss']:.3f}" if held else "")
-              + f"; checkpoints in {out}/checkpoints")
+        print(f"{what} ({trainer.device.type}): {trainer.step} steps, {trainer.tokens:,} tokens"
+              + (f", held-out loss {held['loss']:.3f}" if held else "")
+              + f"; checkpoints in {trainer.out_dir}/checkpoints")
     dist.destroy_process_group()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchrun ... -m nanoseek.parallel.train",
-                                     description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--pp", type=int, default=1, help="pipeline ranks (2*pp DualPipeV chunks)")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
-    parser.add_argument("--resume", action="store_true")
-    _add_dataclass_options(parser, DataConfig)
-    _add_dataclass_options(parser, TrainConfig)
+                                     description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    stages = parser.add_subparsers(dest="stage", required=True)
+    p = stages.add_parser("pretrain", help="pretraining on a (pp, dp, ep) mesh", formatter_class=HelpFormatter)
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline ranks (2*pp DualPipeV chunks)")
+    p.add_argument("--ep", type=positive_int, default=1, help="expert-parallel ranks")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
+    add_dataclass_options(p, PretrainConfig)
+    add_dataclass_options(p, TrainConfig)
+    g = stages.add_parser("grpo", help="GRPO (R1-Zero) with data-parallel rollouts and updates",
+                          formatter_class=HelpFormatter)
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
+    add_dataclass_options(g, GRPOConfig, skip=("loss",))
+    add_dataclass_options(g, GRPOLossConfig)
+    add_dataclass_options(g, TrainConfig, skip=GRPO_UNUSED_OPTIONS, defaults=GRPO_TRAIN_DEFAULTS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = Layout(pp=args.pp, ep=args.ep, dp=max(1, world // (args.pp * args.ep)))
+    # A resume takes the run's saved settings, changed only by the options typed now (out_dir names the run).
+    changes = {**given_options(p if args.stage == "pretrain" else g, args, argv), "out_dir": args.out_dir}
     try:
-        run(_from_args(DataConfig, args), _from_args(TrainConfig, args), layout, resume=args.resume)
+        if args.stage == "pretrain":
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            layout = Layout(pp=args.pp, ep=args.ep, dp=max(1, world // (args.pp * args.ep)))
+            if args.resume:
+                run_pretrain(None, None, layout, resume=True, changes=changes)
+            else:
+                run_pretrain(from_args(PretrainConfig, args), from_args(TrainConfig, args), layout)
+        elif args.resume:
+            run_grpo(None, None, resume=True, changes=changes)
+        else:
+            grpo = GRPOConfig(**{**vars(from_args(GRPOConfig, args)), "loss": from_args(GRPOLossConfig, args)})
+            run_grpo(grpo, from_args(TrainConfig, args))
     except NanoseekError as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)
         return 2

@@ -12,10 +12,10 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +24,11 @@ from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
 from nanoseek.config import require
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.infer.engine import Completion, Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
-from nanoseek.train.loop import TrainConfig, Trainer, TrainingError, learning_rate
+from nanoseek.train.loop import LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, run_settings
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.rewards import RewardSet, Sample, r1_zero_rewards
+from nanoseek.rewards import RewardSet, Sample, r1_zero_rewards
 
 AGGREGATIONS = ("sequence", "token", "constant")
 
@@ -38,7 +38,7 @@ class GRPOLossConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28  # > eps_low is DAPO's clip-higher
     beta: float = 0.0  # KL coefficient; 0 keeps no reference model
-    aggregation: str = "token"  # "sequence" (GRPO), "token" (DAPO), "constant" (Dr. GRPO: / (B * max_tokens))
+    aggregation: Literal["sequence", "token", "constant"] = "token"  # "sequence" (GRPO), "token" (DAPO), "constant" (Dr. GRPO: / (B * max_tokens))
     max_tokens: int = 256  # the constant of "constant" aggregation: the completion length budget
     scale_std: bool = True  # False is Dr. GRPO's unscaled advantage
     std_eps: float = 1e-4
@@ -140,11 +140,14 @@ def completion_logprobs(model: DeepSeekV3, sequences: torch.Tensor, prompt_lens:
 # ---------------------------------------------------------------------- the stage: `nanoseek grpo`
 @dataclass
 class GRPOConfig:
+    """The GRPO stage's own options: its base model, rollouts, rewards and loss (the shared ones: TrainConfig)."""
+
+    model: str = "runs/pretrain"  # the base model: a checkpoint directory, or a run directory (its latest one)
     group_size: int = 8  # G completions per prompt
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16  # prompts per step (all data-parallel ranks together)
     max_new_tokens: int = 160  # the evaluation's budget
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # rollouts' sampling temperature
+    top_p: float = 1.0  # rollouts' nucleus sampling
     mu: int = 1  # policy updates per batch of rollouts (> 1 makes the ratio against the sampler matter)
     drop_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage)
     format_weight: float = 0.2  # the base model already writes the format; accuracy is what is to be learned
@@ -154,6 +157,8 @@ class GRPOConfig:
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.loss, dict):  # read back from a run's run.json
+            self.loss = GRPOLossConfig(**self.loss)
         _need(self, self.group_size >= 2, "group_size", "must be >= 2: the advantage compares completions of a prompt")
         for name in ("prompts_per_step", "max_new_tokens", "mu", "update_tokens"):
             _need(self, getattr(self, name) > 0, name, "must be > 0")
@@ -183,97 +188,119 @@ class ProblemStream:
         self.cursor = state["cursor"]
 
 
-class GRPOTrainer(Trainer):
-    """The shared Trainer (optimizer, schedule, checkpoints, signals, logs) with a GRPO step: sample G
-    completions per prompt on the engine, score them with the rewards, update the policy."""
+class GRPOStage:
+    """GRPO's part of the shared step: sample G completions per prompt on the engine, score them with the rewards,
+    and supply the policy loss of the kept groups in length-sorted micro-batches.
 
-    def __init__(self, model: DeepSeekV3, tokenizer: Tokenizer, problems: ProblemStream, cfg: TrainConfig,
-                 grpo: GRPOConfig, rewards: RewardSet | None = None, model_files: dict[str, Path] | None = None):
-        super().__init__(model, problems, cfg, heldout=None, model_files=model_files)
-        self.grpo, self.tokenizer = grpo, tokenizer
-        self.rewards = rewards or r1_zero_rewards(format_weight=grpo.format_weight)
-        self.engine = Engine(self.model, max_batch=grpo.prompts_per_step * grpo.group_size,
-                             max_len=512 + grpo.max_new_tokens, tokenizer=tokenizer)
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if grpo.loss.beta else None
+    Under data parallelism every rank draws the same prompts and generates for its share of them (with the seeds
+    the whole batch would give them on one process); advantages are per group, so they need no communication,
+    and the loss is normalised by the whole batch's rows and tokens, so the summed gradients are one process's."""
 
-    def train_step(self) -> dict[str, Any]:
-        cfg, g, tok = self.cfg, self.grpo, self.tokenizer
+    name = "grpo"
+    flops_per_token = None
+
+    def __init__(self, tokenizer: Tokenizer, problems: ProblemStream, cfg: GRPOConfig, rewards: RewardSet | None = None):
+        self.cfg, self.tokenizer, self.problems = cfg, tokenizer, problems
+        self.rewards = rewards or r1_zero_rewards(format_weight=cfg.format_weight)
+        self.engine: Engine | None = None  # made on the first step, on the trainer's model and device
+        self.reference: DeepSeekV3 | None = None  # the frozen initial policy of the KL term (beta > 0)
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.cfg)
+
+    def prepare(self, trainer: Trainer) -> None:
+        """Build the engine (and the reference model) on the trainer's model; the first step does it."""
+        g = self.cfg
+        if g.prompts_per_step % trainer.dp_size:
+            raise TrainingError(f"prompts_per_step {g.prompts_per_step} does not split into {trainer.dp_size} "
+                                "data-parallel ranks; make it a multiple of the number of ranks")
+        self.engine = Engine(trainer.model, max_batch=g.prompts_per_step // trainer.dp_size * g.group_size,
+                             max_len=512 + g.max_new_tokens, tokenizer=self.tokenizer)
+        if g.loss.beta:
+            self.reference = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+
+    def next_batch(self, trainer: Trainer) -> StepBatch:
+        g, tok = self.cfg, self.tokenizer
+        if self.engine is None:
+            self.prepare(trainer)
         start = time.perf_counter()
-        lr = learning_rate(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        problems = self.data.next_batch(g.prompts_per_step)
-        prompts = [tok.encode(tasks.format_prompt(p), bos=True) for p in problems]
+        problems = self.problems.next_batch(g.prompts_per_step)
+        share = g.prompts_per_step // trainer.dp_size
+        first = trainer.dp_rank * share  # this rank's prompts: [first, first + share)
+        mine = problems[first:first + share]
+        prompts = [tok.encode(tasks.format_prompt(p), bos=True) for p in mine]
         outs = self.engine.generate([p for p in prompts for _ in range(g.group_size)], SamplingParams(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=(tok.eos_id,),
-            stop_strings=("</answer>",) if g.stop_at_answer else (), seed=cfg.seed * 1_000_003 + self.step * 10_007))
+            stop_strings=("</answer>",) if g.stop_at_answer else (),
+            seed=trainer.cfg.seed * 1_000_003 + trainer.step * 10_007 + first * g.group_size))
         generated = time.perf_counter()
         scores = []
         for i, out in enumerate(outs):
             text = tok.decode([t for t in out.tokens if t != tok.eos_id])
-            scores.append(self.rewards(Sample(problems[i // g.group_size], text, len(out.tokens))))
-        rewards = torch.tensor([s["total"] for s in scores]).view(g.prompts_per_step, g.group_size)
-        advantages = group_advantages(rewards, g.loss.scale_std, g.loss.std_eps)
-        keep = informative_groups(rewards) if g.drop_uninformative else torch.ones(len(problems), dtype=torch.bool)
+            scores.append(self.rewards(Sample(mine[i // g.group_size], text, len(out.tokens))))
+        rewards = torch.tensor([s["total"] for s in scores]).view(share, g.group_size)
+        advantages = group_advantages(rewards, g.loss.scale_std, g.loss.std_eps).flatten()
+        keep = informative_groups(rewards) if g.drop_uninformative else torch.ones(share, dtype=torch.bool)
         rows = [i for i in range(len(outs)) if keep[i // g.group_size]]
-        stats: dict[str, float] = {"clip_fraction": 0.0, "kl": 0.0}
-        loss_value, entropy = 0.0, float("nan")
-        self.model.train()
-        if rows:
-            micro = [self._pack([rows[j] for j in bucket], prompts, outs, advantages.flatten()) for bucket in
-                     length_buckets([len(prompts[i // g.group_size]) + len(outs[i].tokens) for i in rows],
-                                    g.update_tokens)]
-            batch = (len(rows), sum(len(outs[i].tokens) for i in rows))
-            autocast = self.autocast or torch.autocast("cpu", enabled=False)  # bf16 on CUDA, as in pretraining
-            with torch.no_grad(), autocast:
-                old = [completion_logprobs(self.model, seq, lens)[0] if g.mu > 1 else None for seq, lens, _ in micro]
-                ref = [completion_logprobs(self.reference, seq, lens)[0] if self.reference else None
-                       for seq, lens, _ in micro]
-            for _ in range(g.mu):
-                loss_value, entropy_sum = 0.0, 0.0
-                stats = {"clip_fraction": 0.0, "kl": 0.0}
-                for (seq, lens, adv), old_logp, ref_logp in zip(micro, old, ref, strict=True):
-                    with autocast:
-                        logp, mask, ent = completion_logprobs(self.model, seq, lens)
-                    loss, part = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
-                                             g.loss, ref_logp, batch=batch)
-                    loss.backward()
-                    loss_value += float(loss.detach())
-                    entropy_sum += float((ent.detach() * mask).sum())
-                    stats = {k: stats[k] + part[k] for k in stats}
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                entropy = entropy_sum / max(1, batch[1])
-        self.step += 1
         lengths = [len(o.tokens) for o in outs]
-        sample_tasks = [problems[i // g.group_size].task for i in range(len(outs))]
-        elapsed = time.perf_counter() - start
-        self.tokens += sum(lengths)
-        record = {"kind": "train", "step": self.step, "lr": lr, "loss": loss_value,
-                  "reward": float(rewards.mean()), "accuracy": _mean(s["accuracy"] for s in scores),
-                  "format_rate": _mean(s["format"] for s in scores),
+        # The update is normalised by the whole batch (all ranks): its kept rows and their completion tokens.
+        kept_rows, kept_tokens = trainer.all_reduce_sum([float(len(rows)), float(sum(lengths[i] for i in rows))])
+        self.batch_size = (int(kept_rows), int(kept_tokens))
+        micro = []
+        if rows:
+            buckets = length_buckets([len(prompts[i // g.group_size]) + lengths[i] for i in rows], g.update_tokens)
+            with torch.no_grad(), trainer.autocast_context():
+                for bucket in buckets:
+                    seq, lens, adv = self._pack([rows[j] for j in bucket], prompts, outs, advantages, trainer.device)
+                    old = completion_logprobs(trainer.model, seq, lens)[0] if g.mu > 1 else None
+                    ref = completion_logprobs(self.reference, seq, lens)[0] if self.reference else None
+                    micro.append((seq, lens, adv, old, ref))
+        # The log shows the whole batch: every rank's samples, in rank order (= one process's order).
+        gathered = trainer.all_gather((scores, lengths, [p.task for p in mine for _ in range(g.group_size)],
+                                       int(keep.sum()), generated - start))
+        scores = [s for part in gathered for s in part[0]]
+        lengths = [n for part in gathered for n in part[1]]
+        sample_tasks = [t for part in gathered for t in part[2]]
+        record = {"loss": 0.0, "reward": float(torch.tensor([s["total"] for s in scores]).mean()),
+                  "accuracy": _mean(s["accuracy"] for s in scores), "format_rate": _mean(s["format"] for s in scores),
                   **{f"reward_{k}": _mean(s[k] for s in scores) for k in scores[0] if k != "total"},
                   **{f"accuracy_{name}": _mean(s["accuracy"] for s, task in zip(scores, sample_tasks) if task == name)
                      for name in dict.fromkeys(sample_tasks)},
-                  "length_mean": _mean(lengths), "length_max": max(lengths), "groups_kept": int(keep.sum()),
-                  "entropy": entropy, **stats, "generation_time": generated - start,
-                  "update_time": elapsed - (generated - start), "step_time": elapsed,
-                  "tokens_per_s": sum(lengths) / elapsed}
-        return record
+                  "length_mean": _mean(lengths), "length_max": max(lengths),
+                  "groups_kept": sum(part[3] for part in gathered), "entropy": float("nan"), "clip_fraction": 0.0,
+                  "kl": 0.0, "generation_time": max(part[4] for part in gathered)}
+        return StepBatch(micro, sum(lengths), record, updates=g.mu)
 
-    def _pack(self, rows: list[int], prompts: list[list[int]], outs: list, advantages: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(self, model: DeepSeekV3, micro_batch: tuple) -> LossTerms:
+        sequences, prompt_lens, advantages, old_logp, ref_logp = micro_batch
+        logp, mask, entropy = completion_logprobs(model, sequences, prompt_lens)
+        loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, advantages, mask,
+                                  self.cfg.loss, ref_logp, batch=self.batch_size)
+        stats["loss"] = float(loss.detach())
+        stats["entropy"] = float((entropy.detach() * mask).sum()) / max(1, self.batch_size[1])
+        return LossTerms(loss, stats)
+
+    def evaluate(self, trainer: Trainer) -> None:
+        return None  # the held-out evaluation of an RL run is `nanoseek eval`'s
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.problems.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.problems.load_state_dict(state)
+
+    def _pack(self, rows: list[int], prompts: list[list[int]], outs: list[Completion], advantages: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Completions `rows` with their prompts -> sequences (rows, longest) right-padded with -1, prompt
         lengths (rows,) and advantages (rows,), on the model's device."""
-        g = self.grpo.group_size
+        g = self.cfg.group_size
         sequences = torch.full((len(rows), max(len(prompts[i // g]) + len(outs[i].tokens) for i in rows)), -1,
                                dtype=torch.long)
         for r, i in enumerate(rows):
             seq = prompts[i // g] + outs[i].tokens
             sequences[r, :len(seq)] = torch.tensor(seq)
         prompt_lens = torch.tensor([len(prompts[i // g]) for i in rows])
-        return sequences.to(self.device), prompt_lens.to(self.device), advantages[rows].to(self.device)
+        return sequences.to(device), prompt_lens.to(device), advantages[rows].to(device)
 
 
 def _mean(values) -> float:
@@ -281,33 +308,57 @@ def _mean(values) -> float:
     return sum(values) / max(1, len(values))
 
 
-# The shared loop's options with RL's defaults: a small constant learning rate, no weight decay.
+# The shared options with RL's defaults: a small constant learning rate, no weight decay.
 GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=300, lr=1.5e-4, warmup_steps=5, decay_start=1.0,
                                   weight_decay=0.0, save_every=20, eval_every=0, keep_last=2)
+# Shared options a GRPO run has no use for: its loss has no balance term and its forward returns no expert loads
+# (so the balancing biases stay), and it has no periodic held-out loss.
+GRPO_UNUSED_OPTIONS = ("bias_update_speed", "aux_alpha", "eval_every")
 
 
-def run_grpo(model_path: str | Path = "runs/pretrain", train: TrainConfig | None = None,
-             grpo: GRPOConfig | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """`nanoseek grpo`: R1-Zero from the base model at model_path (a checkpoint, or a run's latest one)."""
-    train, grpo = train or GRPO_TRAIN_DEFAULTS, grpo or GRPOConfig()
+def grpo_trainer(model: DeepSeekV3, tokenizer: Tokenizer, train: TrainConfig, grpo: GRPOConfig,
+                 rewards: RewardSet | None = None, model_files: dict[str, Path] | None = None) -> Trainer:
+    """The shared Trainer with the GRPO stage on the built-in tasks' training problems."""
+    stage = GRPOStage(tokenizer, ProblemStream(train.seed, grpo.difficulty), grpo, rewards)
+    return Trainer(model, stage, train, model_files=model_files)
+
+
+def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, resume: bool = False,
+             progress: bool = True, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`nanoseek grpo`: R1-Zero from the base model grpo.model (a checkpoint, or a run's latest one).
+    resume: continue the run in train.out_dir with its own saved settings (changes: see run_settings)."""
+    grpo, train = run_settings("grpo", GRPOConfig, grpo, train or GRPO_TRAIN_DEFAULTS, resume, changes)
     out = Path(train.out_dir)
-    latest = out / "checkpoints" / "latest"
-    if latest.exists() and not resume:
-        raise TrainingError(f"{out} already holds a run (at {latest.read_text().strip()}); pass --resume to "
-                            "continue it, or --out-dir for a new run")
-    path = resolve_checkpoint(model_path)
+    path = resolve_checkpoint(grpo.model)
     tokenizer = Tokenizer.load(path)
-    model = load_pretrained(path)
-    trainer = GRPOTrainer(model, tokenizer, ProblemStream(train.seed, grpo.difficulty), train, grpo,
-                          model_files={"tokenizer.json": path / "tokenizer.json"})
+    trainer = grpo_trainer(load_pretrained(path), tokenizer, train, grpo,
+                           model_files={"tokenizer.json": path / "tokenizer.json"})
     if resume:
         trainer.resume()
     started = time.perf_counter()
     result = trainer.fit(progress=progress)
     if result["stopped"] is None:
-        last = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"][-10:]
-        summary = {k: _mean(r[k] for r in last) for k in ("reward", "accuracy", "format_rate", "length_mean")}
-        (out / "report.json").write_text(json.dumps({
-            "base_model": str(path), "steps": result["step"], "minutes_this_run": (time.perf_counter() - started) / 60,
-            "last_10_steps": summary}, indent=2) + "\n")
+        write_report(out, path, result["step"], (time.perf_counter() - started) / 60, train.seed)
     return result
+
+
+def write_report(out: Path, base: Path, steps: int, minutes: float, seed: int) -> dict[str, Any]:
+    """report.json and report.md of a finished GRPO run: the last 10 steps' means, and the plots."""
+    last = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"][-10:]
+    summary = {k: _mean(r[k] for r in last) for k in ("reward", "accuracy", "format_rate", "length_mean")}
+    report = {"base_model": str(base), "steps": steps, "seed": seed, "minutes_this_run": minutes,
+              "last_10_steps": summary}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(f"""# GRPO report
+
+R1-Zero from `{base}`, {steps} steps (seed {seed}), {minutes:.1f} minutes in this run.
+Means over the last 10 steps: reward {summary['reward']:.3f}, accuracy {100 * summary['accuracy']:.1f}%,
+format {100 * summary['format_rate']:.1f}%, completion length {summary['length_mean']:.1f} tokens.
+Held-out accuracy: `nanoseek eval --model {out}`.
+
+![reward](plots/reward.png)
+![completion length](plots/length.png)
+![loss](plots/loss.png)
+![learning rate](plots/lr.png)
+""")
+    return report

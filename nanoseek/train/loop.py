@@ -1,38 +1,42 @@
-"""The training machinery every stage shares: optimizer, schedules, the step, checkpoints, signals, logging.
+"""The one optimizer step every stage shares, and the run around it: schedule, checkpoints, signals, logs.
 
-A stage (pretraining, SFT, ...) hands the Trainer a model and a batch source; the Trainer owns the rest.
-Checkpoint layout under out_dir/checkpoints:
-  step_000100/model/     the weights as a Hugging Face DeepSeek-V3 checkpoint (nanoseek.from_pretrained reads it)
-  step_000100/trainer.pt optimizer, step, data position, RNG states, CPU EMA
-  latest                 the name of the newest complete checkpoint (replaced atomically after it is written)
+A stage (pretraining, GRPO, ...) supplies only what is its own (the `Stage` protocol): this step's batch, cut
+into micro-batches, and "this micro-batch -> loss and stats". The Trainer owns the rest: accumulation over the
+micro-batches, the data-parallel reduction, gradient clipping, the non-finite guard, the optimizer step, the
+balancing-bias update, the CPU EMA, the learning-rate schedule and the record of the step.
+
+Run layout under out_dir:
+  run.json               the stage and every setting of the run (a resume takes them from here)
+  checkpoints/step_000100/model/     the weights as a Hugging Face DeepSeek-V3 checkpoint
+  checkpoints/step_000100/trainer.pt optimizer, step, data position, RNG states, CPU EMA
+  checkpoints/latest     the name of the newest complete checkpoint (replaced atomically after it is written)
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.atomic import replace_directory, write_text
-from nanoseek.checkpoint import load_pretrained
+from nanoseek.checkpoint import load_pretrained, save_pretrained
 from nanoseek.config import require
 from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.fp8 import convert_to_fp8_training
 from nanoseek.model.layers import RMSNorm
-from nanoseek.model.params import flops_per_token
 from nanoseek.model.transformer import Block
 from nanoseek.train.metrics import MetricsLog, plot_run
 
@@ -41,61 +45,165 @@ class TrainingError(NanoseekError, RuntimeError):
     pass
 
 
-class BatchSource(Protocol):
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def state_dict(self) -> dict[str, Any]: ...
+@dataclass
+class LossTerms:
+    """One micro-batch's part of the step, as a stage computes it."""
+
+    loss: torch.Tensor  # this micro-batch's share of the step's loss: what to backpropagate
+    stats: dict[str, float]  # its shares of the step's logged values (they add up over micro-batches and ranks)
+    expert_counts: torch.Tensor | None = None  # (MoE layers, experts) tokens routed, for the bias update
+
+
+@dataclass
+class StepBatch:
+    """What a stage hands the step: this rank's micro-batches and what the log needs to know of them."""
+
+    micro_batches: list[Any]  # whatever the stage's loss() takes; none: the step makes no update
+    tokens: int  # tokens the step trains on (all data-parallel ranks), for tokens/s
+    record: dict[str, Any] = field(default_factory=dict)  # the stage's own values for the log
+    updates: int = 1  # optimizer updates over the same micro-batches (GRPO's mu)
+
+
+class Stage(Protocol):
+    """What a training stage supplies to the shared step (nanoseek/train/pretrain.py and grpo.py are two)."""
+
+    name: str  # "pretrain", "grpo", ...: saved in run.json, so a resume in another stage's directory is refused
+    flops_per_token: float | None  # model FLOPs per trained token, for MFU on GPUs; None: not reported
+
+    def settings(self) -> dict[str, Any]:
+        """The stage's own configuration, saved with the run."""
+        ...
+
+    def next_batch(self, trainer: Trainer) -> StepBatch:
+        """This step's batch (generated or read), cut into this rank's micro-batches."""
+        ...
+
+    def loss(self, model: DeepSeekV3, micro_batch: Any) -> LossTerms: ...
+
+    def evaluate(self, trainer: Trainer) -> dict[str, Any] | None:
+        """A periodic held-out measurement for the log, or None."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position, restored exactly on resume."""
+        ...
+
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/pretrain"
-    max_steps: int = 1400  # the defaults are the embedded CPU run's: ~12 minutes of training on 2 cores
-    seq_len: int = 256
-    batch_size: int = 8  # sequences per optimizer step once the ramp is over (many small steps learn
-                         # the built-in tasks faster than few large ones in a fixed CPU budget)
-    micro_batch_size: int = 8  # sequences per forward/backward; the step accumulates gradients over them
-    batch_ramp_start: int = 0  # sequences per step at the start (0: no ramp) ...
-    batch_ramp_steps: int = 0  # ... growing linearly to batch_size over this many steps (DeepSeek-V3 ramps too)
-    lr: float = 3e-3
+    """The options every stage shares (a stage's batches and losses have their own config)."""
+
+    out_dir: str = "runs/pretrain"  # the run's directory: run.json, checkpoints, metrics, plots, tensorboard
+    max_steps: int = 1400  # optimizer steps (the embedded CPU run's default: ~12 minutes of training on 2 cores)
+    lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio (V3: 2.2e-4 -> 2.2e-5)
-    warmup_steps: int = 50
-    decay_start: float = 0.5  # fraction of max_steps at constant lr before the cosine decay starts
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    warmup_steps: int = 50  # linear warmup from lr / warmup_steps
+    decay_start: float = 0.5  # fraction of max_steps at constant lr before the cosine decay starts (1: never)
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay on matrices (not on norms and biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     bias_update_speed: float | None = None  # aux-loss-free balancing gamma; None: the model config's; 0: off
     aux_alpha: float | None = None  # sequence-wise balance loss alpha; None: the model config's; 0: off
-    mtp_weight: float = 0.3  # MTP loss lambda ...
-    mtp_weight_late: float = 0.1  # ... dropped to this after mtp_switch of the run (V3: 0.3 then 0.1)
-    mtp_switch: float = 0.7
-    recompute: str = "none"  # "none", "selective" (RMSNorm + MLA up-projections, as V3), "full" (per block)
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32", or "fp8":
+    recompute: Literal["none", "selective", "full"] = "none"  # "none", "selective" (RMSNorm + MLA up-projections, as V3), "full" (per block)
+    precision: Literal["auto", "bf16", "fp32", "fp8"] = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32", or "fp8":
                              # DeepSeek-V3's FP8 GEMMs (nanoseek/model/fp8.py), everything else as "auto"
     ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights on the CPU
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 100
-    keep_last: int = 2
-    log_every: int = 1
+    eval_every: int = 100  # steps between held-out evaluations (0: none)
+    save_every: int = 100  # steps between checkpoints (0: only at the end or on a signal)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted)
+    log_every: int = 1  # steps between metrics records
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    seed: int = 0
-    device: str = "auto"
-    tensorboard: bool = True
+    seed: int = 0  # the seed of the model's initialisation, the data order and the sampling
+    device: str = "auto"  # "auto" (CUDA when there is one), "cpu", "cuda", "cuda:1", ...
+    tensorboard: bool = True  # also write TensorBoard logs (out_dir/tensorboard)
 
     def __post_init__(self) -> None:
         need = partial(require, self, kind="training option")
 
         need(self.recompute in ("none", "selective", "full"), "recompute", "must be 'none', 'selective' or 'full'")
         need(self.precision in ("auto", "bf16", "fp32", "fp8"), "precision", "must be 'auto', 'bf16', 'fp32' or 'fp8'")
-        for name in ("max_steps", "seq_len", "batch_size", "micro_batch_size"):
-            need(getattr(self, name) > 0, name, "must be > 0")
+        need(self.max_steps > 0, "max_steps", "must be > 0")
         need(self.lr > 0, "lr", "must be > 0")
-        need(0 <= self.batch_ramp_start <= self.batch_size, "batch_ramp_start", f"must be in [0, {self.batch_size}]")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-        need(0 <= self.decay_start <= 1 and 0 <= self.mtp_switch <= 1, "decay_start",
-             "decay_start and mtp_switch are fractions of the run, in [0, 1]")
+        need(0 <= self.decay_start <= 1, "decay_start", "is a fraction of the run, in [0, 1]")
+        need(self.grad_clip > 0, "grad_clip", "must be > 0")
+        for name in ("eval_every", "save_every", "keep_last"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.log_every > 0, "log_every", "must be > 0")
+        need(self.max_bad_steps > 0, "max_bad_steps", "must be > 0")
+
+
+# Settings a resumed run may change; every other one is the run's own, read from its run.json.
+RESUMABLE_CHANGES = ("out_dir", "max_steps", "eval_every", "save_every", "keep_last", "log_every", "device",
+                     "tensorboard")
+
+
+def saved_settings(out_dir: str | Path, stage: str) -> dict[str, Any]:
+    """The settings of the run in out_dir (its run.json), checked to be a `stage` run with a checkpoint."""
+    out = Path(out_dir)
+    run_file = out / "run.json"
+    if not (out / "checkpoints" / "latest").exists():
+        raise TrainingError(f"nothing to resume: {out} has no checkpoint")
+    if not run_file.is_file():
+        raise TrainingError(f"{out} has checkpoints but no run.json (the settings of its run), so it cannot be "
+                            "resumed with its own settings; start a new run with --out-dir")
+    saved = json.loads(run_file.read_text())
+    if saved.get("stage") != stage:
+        raise TrainingError(f"{out} holds a `{saved.get('stage')}` run, not a `{stage}` run; resume it with: "
+                            f"nanoseek {saved.get('stage')} --resume --out-dir {out}")
+    return saved
+
+
+def run_settings(stage: str, config_type: type, config: Any, train: TrainConfig | None, resume: bool,
+                 changes: dict[str, Any] | None = None) -> tuple[Any, TrainConfig]:
+    """The settings a stage runs with.
+
+    A new run: config and train (their defaults where None); the run directory must not hold a run already.
+    A resume: the run's own saved settings (run.json). `changes` (option name -> value, e.g. what a user typed on
+    the command line) and the fields of config/train that differ from the saved ones and from their defaults
+    may alter only RESUMABLE_CHANGES; any other difference is refused, naming it.
+    """
+    changes = dict(changes or {})
+    out = Path(changes.get("out_dir") or (train or TrainConfig()).out_dir)
+    if not resume:
+        latest = out / "checkpoints" / "latest"
+        if latest.exists():
+            raise TrainingError(f"{out} already holds a run (at {latest.read_text().strip()}); pass --resume to "
+                                "continue it, or --out-dir for a new run")
+        return config or config_type(), train or TrainConfig()
+    saved = saved_settings(out, stage)
+    saved_config = config_type(**saved[stage])
+    saved_train = TrainConfig(**{**saved["train"], "out_dir": str(out)})
+    given: dict[str, Any] = {}
+    for config_given, config_saved in ((config, saved_config), (train, saved_train)):
+        if config_given is not None:
+            default, mine, theirs = _flat(type(config_given)()), _flat(config_given), _flat(config_saved)
+            given.update({k: v for k, v in mine.items() if v != theirs[k] and v != default[k]})
+    given.update(changes)
+    saved_values = {**_flat(saved_config), **_flat(saved_train)}
+    refused = sorted(k for k, v in given.items() if k in saved_values and v != saved_values[k]
+                     and k not in RESUMABLE_CHANGES)
+    if refused:
+        raise TrainingError(f"a resumed run keeps its own settings (saved in {out}/run.json); these differ: " +
+                            ", ".join(f"{k} = {given[k]!r} (saved: {saved_values[k]!r})" for k in refused) +
+                            f". On resume only {', '.join(RESUMABLE_CHANGES)} may change")
+    return saved_config, replace(saved_train, **{k: v for k, v in given.items() if k in RESUMABLE_CHANGES})
+
+
+def _flat(config: Any) -> dict[str, Any]:
+    """A config dataclass's fields by name, those of nested config dataclasses included (lists as tuples)."""
+    values: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            values.update(_flat(value))
+        else:
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return values
 
 
 def pick_device(name: str) -> torch.device:
@@ -128,16 +236,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def batch_size_at(step: int, cfg: TrainConfig) -> int:
-    if not cfg.batch_ramp_start or step >= cfg.batch_ramp_steps:
-        return cfg.batch_size
-    return int(cfg.batch_ramp_start + (cfg.batch_size - cfg.batch_ramp_start) * step / cfg.batch_ramp_steps)
-
-
-def mtp_weight_at(step: int, cfg: TrainConfig) -> float:
-    return cfg.mtp_weight if step < cfg.mtp_switch * cfg.max_steps else cfg.mtp_weight_late
-
-
 def apply_recomputation(model: DeepSeekV3, mode: str) -> None:
     """Recompute activations in the backward pass instead of storing them, without touching the model code.
 
@@ -167,19 +265,16 @@ def max_violation(counts: torch.Tensor) -> list[float]:
 
 class Trainer:
     is_main = True  # the process that logs and plots (rank 0 of a parallel run)
+    dp_rank, dp_size = 0, 1  # this process's place among the data-parallel ranks (a stage takes its share)
 
-    def __init__(self, model: DeepSeekV3, data: BatchSource, cfg: TrainConfig,
-                 heldout: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
-                 model_files: dict[str, Path] | None = None):
-        """heldout: returns the held-out batches to evaluate on; model_files: files (a tokenizer, say) copied
-        into every checkpoint's model directory so that it is self-contained."""
-        self.cfg = cfg
+    def __init__(self, model: DeepSeekV3, stage: Stage, cfg: TrainConfig, model_files: dict[str, Path] | None = None):
+        """model_files: files (a tokenizer, say) copied into every checkpoint's model directory so that it is
+        self-contained."""
+        self.cfg, self.stage = cfg, stage
         self.model_files = model_files or {}
         self.out_dir = Path(cfg.out_dir)
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device)
-        self.data = data
-        self.heldout = heldout
         self.step = 0
         self.tokens = 0
         self.bad_steps = 0
@@ -198,91 +293,97 @@ class Trainer:
         self.bias_speed = (model.config.bias_update_speed if cfg.bias_update_speed is None
                            else cfg.bias_update_speed)
         self.aux_alpha = model.config.aux_loss_alpha if cfg.aux_alpha is None else cfg.aux_alpha
-        self.flops_per_token = flops_per_token(model.config, cfg.seq_len)
         self.peak = peak_flops(self.device)
         apply_recomputation(self.model, cfg.recompute)
 
+    def autocast_context(self):
+        """bf16 autocast on CUDA (and where asked), else a no-op context."""
+        return self.autocast or torch.autocast("cpu", enabled=False)
+
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, Any]:
-        cfg, model = self.cfg, self.model
-        model.train()
         start = time.perf_counter()
-        lr, n_seq, inputs, targets, n_tokens = self.step_batch()
-        mtp_weight = mtp_weight_at(self.step, cfg)
-        totals: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        counts = None
-        for lo in range(0, len(inputs), cfg.micro_batch_size):
-            x, y = inputs[lo:lo + cfg.micro_batch_size], targets[lo:lo + cfg.micro_batch_size]
-            share = int((y != -100).sum()) / max(1, n_tokens)  # token-weighted mean over micro-batches
-            with self.autocast or torch.autocast("cpu", enabled=False):
-                out = model.compute_loss(x, y, mtp_weight=mtp_weight, balance_alpha=self.aux_alpha)
-            self.backward(out.loss * share, last=lo + cfg.micro_batch_size >= len(inputs))
-            for key in totals:
-                value = getattr(out, key)
-                totals[key] += 0.0 if value is None else float(value.detach()) * share
-            if out.expert_counts is not None:
-                counts = out.expert_counts if counts is None else counts + out.expert_counts
-        totals, counts = self.reduce_step(totals, counts)
-        grad_norm = self.clip_gradients()
-        finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            if counts is not None and self.bias_speed > 0:
-                model.update_router_biases(counts, self.bias_speed)
-            self._update_ema()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = learning_rate(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        batch = self.stage.next_batch(self)
+        prepared = time.perf_counter()
+        totals: dict[str, float] = {}
+        counts, grad_norm, finite = None, None, True
+        for _ in range(batch.updates if batch.micro_batches else 0):
+            self.model.train()
+            totals, counts = self.reduce_step(*self.forward_backward(batch))
+            grad_norm = self.clip_gradients()
+            finite = finite and math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm)
+            if math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm):
+                self.optimizer.step()
+                if counts is not None and self.bias_speed > 0:
+                    self.update_router_biases(counts)
+                self._update_ema()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps = 0 if finite else self.bad_steps + 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self.step += 1
-        self.tokens += n_tokens
-        record = {"kind": "train", "step": self.step, "tokens": self.tokens, "lr": lr, "grad_norm": grad_norm,
-                  "batch_size": n_seq, "mtp_weight": mtp_weight, "step_time": elapsed,
-                  "tokens_per_s": n_tokens / elapsed, "skipped": not finite,
-                  **{k: v for k, v in totals.items()}}
-        if mtp_weight == 0 or not model.mtp:
-            record["mtp_loss"] = None
-        if self.peak:
-            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak
+        self.tokens += batch.tokens
+        record = {"kind": "train", "step": self.step, "tokens": self.tokens, "lr": lr, **batch.record, **totals,
+                  "grad_norm": grad_norm, "skipped": not finite, "update_time": elapsed - (prepared - start),
+                  "step_time": elapsed, "tokens_per_s": batch.tokens / elapsed}
+        if self.peak and self.stage.flops_per_token:
+            record["mfu"] = record["tokens_per_s"] * self.stage.flops_per_token / self.peak
         if counts is not None:
-            record["max_violation"] = max_violation(counts)
-        if self.bad_steps >= cfg.max_bad_steps:
+            record["max_violation"] = max_violation(self.load_per_layer(counts))
+        if self.bad_steps >= self.cfg.max_bad_steps:
             raise TrainingError(f"the loss or gradient was non-finite for {self.bad_steps} consecutive steps "
                                 f"(up to step {self.step}); the optimizer skipped them and the run stops here. "
                                 f"Lower the learning rate (now {lr:.2e}) or check the data.")
         return record
 
-    def step_batch(self) -> tuple[float, int, torch.Tensor, torch.Tensor, int]:
-        """Set this step's learning rate and draw its global batch -> lr, sequences in the step, this rank's
-        inputs and targets, and the tokens of the whole step (all data-parallel ranks)."""
-        lr = learning_rate(self.step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        n_seq = batch_size_at(self.step, self.cfg)
-        inputs, targets = self.data.next_batch(n_seq)
-        n_tokens = int((targets != -100).sum())
-        inputs, targets = self.local_batch(inputs.to(self.device), targets.to(self.device))
-        return lr, n_seq, inputs, targets, n_tokens
+    def forward_backward(self, batch: StepBatch) -> tuple[dict[str, float], Any]:
+        """Forward and backward of every micro-batch, gradients accumulating -> this rank's summed stats and
+        tokens per expert."""
+        totals: dict[str, float] = {}
+        counts = None
+        for i, micro_batch in enumerate(batch.micro_batches):
+            with self.autocast_context():
+                terms = self.stage.loss(self.model, micro_batch)
+            self.backward(terms.loss, last=i == len(batch.micro_batches) - 1)
+            for key, value in terms.stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            if terms.expert_counts is not None:
+                counts = terms.expert_counts if counts is None else counts + terms.expert_counts
+        return totals, counts
+
+    def update_router_biases(self, counts: Any) -> None:
+        """Auxiliary-loss-free balancing, once per step, from the step's tokens per expert."""
+        self.model.update_router_biases(counts, self.bias_speed)
+
+    def load_per_layer(self, counts: Any) -> torch.Tensor:
+        """(MoE layers, experts) tokens per expert, from what forward_backward returned."""
+        return counts
 
     # ------------------------------------------------------------------ what a parallel trainer overrides
-    def local_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the step's global batch (all of them on one process)."""
-        return inputs, targets
-
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Backward of one micro-batch's weighted loss; `last`: the step's final micro-batch."""
         loss.backward()
 
-    def reduce_step(self, totals: dict[str, float], counts: torch.Tensor | None):
-        """Sum the step's loss totals and tokens per expert over data-parallel ranks (nothing to do on one)."""
+    def reduce_step(self, totals: dict[str, float], counts: Any) -> tuple[dict[str, float], Any]:
+        """Sum the step's stats and tokens per expert over data-parallel ranks (nothing to do on one)."""
         return totals, counts
 
     def clip_gradients(self) -> float:
         """Clip to cfg.grad_clip by the global norm; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every data-parallel rank's `value`, in rank order (a stage's per-rank results for the log)."""
+        return [value]
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the data-parallel ranks."""
+        return values
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -291,21 +392,6 @@ class Trainer:
         d = self.cfg.ema_decay
         for key, value in self.model.state_dict().items():
             self.ema[key].mul_(d).add_(value.detach().to("cpu", torch.float32), alpha=1 - d)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, Any] | None:
-        if self.heldout is None:
-            return None
-        self.model.eval()
-        losses, weights = [], []
-        for x, y in self.heldout():
-            with self.autocast or torch.autocast("cpu", enabled=False):
-                out = self.model.compute_loss(x.to(self.device), y.to(self.device), mtp_weight=0.0,
-                                              balance_alpha=0.0)
-            losses.append(float(out.lm_loss))
-            weights.append(int((y != -100).sum()))
-        loss = sum(l * w for l, w in zip(losses, weights)) / max(1, sum(weights))
-        return {"kind": "heldout", "step": self.step, "tokens": self.tokens, "loss": loss}
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -334,12 +420,12 @@ class Trainer:
         return final
 
     def _write_checkpoint(self, directory: Path) -> None:
-        self.model.save_pretrained(directory / "model")
+        save_pretrained(self.model, directory / "model")
         for name, source in self.model_files.items():
             shutil.copyfile(source, directory / "model" / name)
         state = {
             "step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
-            "data": self.data.state_dict(), "ema": self.ema, "train_config": asdict(self.cfg),
+            "data": self.stage.state_dict(), "ema": self.ema, "train_config": asdict(self.cfg),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -355,7 +441,7 @@ class Trainer:
         self.model.load_state_dict(loaded.state_dict())
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.data.load_state_dict(state["data"])
+        self.stage.load_state_dict(state["data"])
         self.step, self.tokens, self.ema = state["step"], state["tokens"], state["ema"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -369,12 +455,19 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
 
+    def _write_settings(self) -> None:
+        """run.json: the stage and all of the run's settings, which a resume reads back."""
+        settings = {"stage": self.stage.name, "train": asdict(self.cfg), self.stage.name: self.stage.settings()}
+        write_text(self.out_dir / "run.json", json.dumps(settings, indent=2) + "\n")
+
     def fit(self, progress: bool = True) -> dict[str, Any]:
         """Train to max_steps. SIGINT/SIGTERM finish the current step, save, and return (stopped=signal)."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._write_settings()
         log = MetricsLog(self.out_dir, resume_step=self.step, tensorboard=cfg.tensorboard) if self.is_main else None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (progress and self.is_main), unit="step",
@@ -385,7 +478,8 @@ class Trainer:
                 record = self.train_step()
                 if log and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                     log.write(record)
-                postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                postfix = {"loss": f"{record.get('loss', float('nan')):.3f}",
+                           "tok/s": f"{record['tokens_per_s']:,.0f}"}
                 if "reward" in record:
                     postfix["reward"] = f"{record['reward']:.3f}"
                 if "mfu" in record:
@@ -393,7 +487,7 @@ class Trainer:
                 bar.set_postfix(postfix)
                 bar.update(1)
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                    last_eval = self.evaluate()
+                    last_eval = self.stage.evaluate(self)
                     if last_eval is not None and log:
                         log.write(last_eval)
                 if cfg.save_every and self.step % cfg.save_every == 0 or self.step == cfg.max_steps:

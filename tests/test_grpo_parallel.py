@@ -1,0 +1,154 @@
+"""GRPO on the shared step: data parallel on gloo (2 ranks) equals one process on the same groups; a checkpoint
+written by 2 ranks resumes on 1; a non-finite step is skipped as in pretraining."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.model import DeepSeekV3
+from nanoseek.rewards import RewardSet, format_reward
+from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOStage, ProblemStream, grpo_trainer
+from nanoseek.train.loop import LossTerms, TrainingError
+
+from conftest import tiny_config
+
+STEPS = 3
+# A reward that differs between the completions of a random model, so that every step updates the weights.
+REWARD = RewardSet({"accuracy": lambda s: float(len(set(s.completion)) % 2), "format": format_reward},
+                   {"accuracy": 1.0, "format": 0.0})
+# Compared exactly: what the samples were (a rank that generated the wrong share or seeds would differ).
+SAMPLE_KEYS = ("reward", "accuracy", "length_mean", "length_max", "groups_kept")
+
+
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train([f"Question: What is {a} + {b}?" for a in range(20) for b in range(20)], 300)
+
+
+def setup(out_dir: str):
+    from dataclasses import replace
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    model = DeepSeekV3(tiny_config(vocab_size=tok.vocab_size))
+    train = replace(GRPO_TRAIN_DEFAULTS, out_dir=out_dir, lr=1e-2, warmup_steps=0, max_steps=STEPS, save_every=0,
+                    tensorboard=False, device="cpu")
+    grpo = GRPOConfig(group_size=4, prompts_per_step=4, max_new_tokens=6, drop_uninformative=False)
+    return model, tok, train, grpo
+
+
+def oracle(out_dir: str):
+    model, tok, train, grpo = setup(out_dir)
+    trainer = grpo_trainer(model, tok, train, grpo, REWARD)
+    records = [trainer.train_step() for _ in range(STEPS)]
+    return records, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def parallel_trainer(out_dir: str):
+    from nanoseek.parallel.mesh import Layout, init_parallel
+    from nanoseek.parallel.trainer import ParallelTrainer
+
+    model, tok, train, grpo = setup(out_dir)
+    ctx = init_parallel(Layout(dp=dist.get_world_size()), model.config, device="cpu")
+    stage = GRPOStage(tok, ProblemStream(train.seed, grpo.difficulty), grpo, REWARD)
+    return ParallelTrainer(model, stage, train, ctx)
+
+
+def difference(records, model, reference) -> float:
+    """Largest difference in the losses, gradient norms (relative) and weights; infinite if the samples differ."""
+    ref_records, ref_state = reference
+    worst = 0.0
+    for got, ref in zip(records, ref_records, strict=True):
+        if any(got[k] != ref[k] for k in SAMPLE_KEYS):
+            return math.inf
+        worst = max(worst, abs(got["loss"] - ref["loss"]), abs(got["entropy"] - ref["entropy"]),
+                    abs(got["grad_norm"] / ref["grad_norm"] - 1))
+    for name, value in model.state_dict().items():
+        worst = max(worst, float((value - ref_state[name]).abs().max()))
+    return worst
+
+
+def worker(rank: int, world: int, port: int, tmp: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        reference = oracle(os.path.join(tmp, f"oracle{world}-{rank}"))
+        run_dir = os.path.join(tmp, "dp_run")
+        if world == 2:
+            trainer = parallel_trainer(os.path.join(tmp, "dp"))
+            records = [trainer.train_step() for _ in range(STEPS)]
+            results.put((rank, "dp2", difference(records, trainer.model, reference)))
+            saver = parallel_trainer(run_dir)  # 2 steps on 2 ranks, then a distributed checkpoint
+            for _ in range(STEPS - 1):
+                saver.train_step()
+            saver.save()
+        else:  # 1 rank resumes what 2 ranks wrote and takes the last step
+            trainer = parallel_trainer(run_dir)
+            assert trainer.resume() and trainer.step == STEPS - 1
+            last = trainer.train_step()
+            records, state = reference
+            results.put((rank, "resumed on 1 rank", difference([last], trainer.model, (records[-1:], state))))
+    except Exception:  # noqa: BLE001 (any failure is reported to the parent)
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, tmp) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=worker, args=(r, world, port, str(tmp), results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[str, float] = {}
+    for _ in range(world):
+        rank, name, value = results.get(timeout=300)
+        if name == "error":
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank {rank} failed:\n{value}")
+        out[name] = max(out.get(name, 0.0), value)
+    for p in procs:
+        p.join(timeout=60)
+    return out
+
+
+def test_grpo_data_parallel_equals_one_process_and_resumes_on_another_rank_count(tmp_path):
+    two = spawn(2, tmp_path)
+    print(f"GRPO on 2 data-parallel ranks: max |difference| from one process = {two['dp2']:.2e}")
+    assert two["dp2"] < 1e-4
+    one = spawn(1, tmp_path)
+    print(f"written on 2 ranks, resumed on 1: max |difference| = {one['resumed on 1 rank']:.2e}")
+    assert one["resumed on 1 rank"] < 1e-4
+
+
+def test_grpo_skips_a_non_finite_step_as_pretraining_does(tmp_path, monkeypatch):
+    model, tok, train, grpo = setup(str(tmp_path))
+    from dataclasses import replace
+
+    trainer = grpo_trainer(model, tok, replace(train, max_bad_steps=2), grpo, REWARD)
+    trainer.train_step()
+    before = {n: p.clone() for n, p in trainer.model.named_parameters()}
+    real = trainer.stage.loss
+
+    def poisoned(model, micro_batch):
+        terms = real(model, micro_batch)
+        return LossTerms(terms.loss * float("nan"), {**terms.stats, "loss": float("nan")})
+    monkeypatch.setattr(trainer.stage, "loss", poisoned)
+    assert trainer.train_step()["skipped"]
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with pytest.raises(TrainingError, match="non-finite for 2 consecutive steps"):
+        trainer.train_step()
