@@ -53,31 +53,25 @@ def sample_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[t
     when cfg.greedy is off), all stopped at </answer>. progress: a bar of completions done (and tokens/s) on
     stderr."""
     prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
+    stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
+    engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
+                    tokenizer=tokenizer)
     with tqdm(total=len(problems) * (cfg.k + cfg.greedy), desc="evaluating", unit="completion",
               disable=not progress) as bar:
-        engine = _ProgressEngine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
-                                 tokenizer=tokenizer, bar=bar)
-        stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
+        start, tokens = time.perf_counter(), 0
+
+        def count(outputs: list[StepOutput]) -> None:
+            nonlocal tokens
+            tokens += sum(len(o.new_tokens) for o in outputs)
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
+            bar.update(sum(o.finished for o in outputs))
+
         sampled = engine.generate([p for p in prompts for _ in range(cfg.k)], SamplingParams(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **stop))
-        greedy = (engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, **stop))
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **stop),
+            on_step=count)
+        greedy = (engine.generate(prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, **stop), on_step=count)
                   if cfg.greedy else [])
     return sampled, greedy
-
-
-class _ProgressEngine(Engine):
-    """An Engine whose steps count the finished completions and the sampled tokens on a progress bar."""
-
-    def __init__(self, *args: Any, bar: tqdm, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.bar, self.tokens, self.start = bar, 0, time.perf_counter()
-
-    def step(self) -> list[StepOutput]:
-        outputs = super().step()
-        self.tokens += sum(len(o.new_tokens) for o in outputs)
-        self.bar.set_postfix_str(f"{self.tokens / (time.perf_counter() - self.start):,.0f} tok/s", refresh=False)
-        self.bar.update(sum(o.finished for o in outputs))
-        return outputs
 
 
 def evaluate(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Problem], cfg: EvalConfig | None = None,

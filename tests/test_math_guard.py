@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nanoseek import rewards
-from nanoseek.rewards import MathVerifyPool, math_equal, math_equal_many
+from nanoseek import math_check
+from nanoseek.math_check import MathVerifyPool, math_equal, math_equal_many
 
 LIMIT_S = 1.0
 SLACK_S = 1.5  # pipe round trip, and forking a replacement worker after a kill, on a busy 2-core machine
@@ -76,7 +76,7 @@ def test_hostile_answers_end_within_the_limit():
     assert len(answers) == 200
     golds = ["\\frac{22}{7}", "-42.5", "\\{7, 8\\}", "\\sqrt{3}"]  # values no hostile answer holds
     pairs = [(golds[i % len(golds)], answer) for i, answer in enumerate(answers)]
-    with ThreadPoolExecutor(rewards._math_pool.workers) as threads:  # as many callers as workers: no waiting
+    with ThreadPoolExecutor(math_check._math_pool.workers) as threads:  # as many callers as workers: no waiting
         results = list(threads.map(timed_check, pairs))
     slowest = max(elapsed for _, elapsed in results)
     print(f"slowest of {len(results)} hostile checks: {slowest:.2f} s; "
@@ -99,7 +99,7 @@ def test_batch_matches_single_checks():
 
 EXIT_SCRIPT = """
 import os, signal, sys, threading, time
-from nanoseek.rewards import math_equal
+from nanoseek.math_check import math_equal
 
 def descendants(pid):
     parents = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -151,9 +151,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._unfinished)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                 on_step: Callable[[list[StepOutput]], None] | None = None) -> list[Completion]:
         """Run the prompts to the end -> their completions, in order; request i samples from a generator seeded
-        with params.seed + i. Steps the engine, so requests queued before advance (and may finish) meanwhile."""
+        with params.seed + i. Steps the engine, so requests queued before advance (and may finish) meanwhile.
+        on_step: called with each step's outputs (a progress bar, say)."""
         params = params or SamplingParams()
         for i, prompt in enumerate(prompts):
             self._check(prompt, params, f"prompt {i}")
@@ -161,7 +163,9 @@ class Engine:
         with eval_mode(self.model):  # once for the whole loop rather than per step
             for request in requests:
                 while not request.finished:
-                    self.step()
+                    outputs = self.step()
+                    if on_step is not None:
+                        on_step(outputs)
         return [r.completion for r in requests]
 
     def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[int]:
