@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import DeepSeekV3
@@ -20,6 +17,7 @@ from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOStage, Prob
 from nanoseek.train.loop import LossTerms, TrainingError
 
 from conftest import tiny_config
+from gloo import spawn
 
 STEPS = 3
 # A reward that differs between the completions of a random model, so that every step updates the weights.
@@ -76,60 +74,30 @@ def difference(records, model, reference) -> float:
     return worst
 
 
-def worker(rank: int, world: int, port: int, tmp: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        reference = oracle(os.path.join(tmp, f"oracle{world}-{rank}"))
-        run_dir = os.path.join(tmp, "dp_run")
-        if world == 2:
-            trainer = parallel_trainer(os.path.join(tmp, "dp"))
-            records = [trainer.train_step() for _ in range(STEPS)]
-            results.put((rank, "dp2", difference(records, trainer.model, reference)))
-            saver = parallel_trainer(run_dir)  # 2 steps on 2 ranks, then a distributed checkpoint
-            for _ in range(STEPS - 1):
-                saver.train_step()
-            saver.save()
-        else:  # 1 rank resumes what 2 ranks wrote and takes the last step
-            trainer = parallel_trainer(run_dir)
-            assert trainer.resume() and trainer.step == STEPS - 1
-            last = trainer.train_step()
-            records, state = reference
-            results.put((rank, "resumed on 1 rank", difference([last], trainer.model, (records[-1:], state))))
-    except Exception:  # noqa: BLE001 (any failure is reported to the parent)
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world: int, tmp) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=worker, args=(r, world, port, str(tmp), results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out: dict[str, float] = {}
-    for _ in range(world):
-        rank, name, value = results.get(timeout=300)
-        if name == "error":
-            for p in procs:
-                p.kill()
-            pytest.fail(f"rank {rank} failed:\n{value}")
-        out[name] = max(out.get(name, 0.0), value)
-    for p in procs:
-        p.join(timeout=60)
-    return out
+def worker(rank: int, world: int, tmp: str, report) -> None:
+    reference = oracle(os.path.join(tmp, f"oracle{world}-{rank}"))
+    run_dir = os.path.join(tmp, "dp_run")
+    if world == 2:
+        trainer = parallel_trainer(os.path.join(tmp, "dp"))
+        records = [trainer.train_step() for _ in range(STEPS)]
+        report("dp2", difference(records, trainer.model, reference))
+        saver = parallel_trainer(run_dir)  # 2 steps on 2 ranks, then a distributed checkpoint
+        for _ in range(STEPS - 1):
+            saver.train_step()
+        saver.save()
+    else:  # 1 rank resumes what 2 ranks wrote and takes the last step
+        trainer = parallel_trainer(run_dir)
+        assert trainer.resume() and trainer.step == STEPS - 1
+        last = trainer.train_step()
+        records, state = reference
+        report("resumed on 1 rank", difference([last], trainer.model, (records[-1:], state)))
 
 
 def test_grpo_data_parallel_equals_one_process_and_resumes_on_another_rank_count(tmp_path):
-    two = spawn(2, tmp_path)
+    two = spawn(worker, 2, (str(tmp_path),), 1)
     print(f"GRPO on 2 data-parallel ranks: max |difference| from one process = {two['dp2']:.2e}")
     assert two["dp2"] < 1e-4
-    one = spawn(1, tmp_path)
+    one = spawn(worker, 1, (str(tmp_path),), 1)
     print(f"written on 2 ranks, resumed on 1: max |difference| = {one['resumed on 1 rank']:.2e}")
     assert one["resumed on 1 rank"] < 1e-4
 

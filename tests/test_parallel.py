@@ -5,13 +5,9 @@ its own shard: the losses of every step and every parameter it holds after the l
 from __future__ import annotations
 
 import os
-import socket
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanoseek.config import get_preset
 from nanoseek.model import DeepSeekV3
@@ -19,6 +15,8 @@ from nanoseek.parallel.expert import is_expert_param
 from nanoseek.parallel.mesh import Layout, LayoutError, init_parallel
 from nanoseek.train.loop import TrainConfig, Trainer
 from nanoseek.train.pretrain import LanguageModelStage, PretrainConfig
+
+from gloo import spawn
 
 STEPS = 3
 
@@ -119,45 +117,11 @@ def save_then_resume(world: int, run_dir: str, ref) -> float:
     return compare(trainer.model, [last], ref_records[-1:], ref_state, ctx)
 
 
-def worker(rank: int, world: int, port: int, layouts: list[Layout], tmp: str, run_dir: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        ref = oracle(os.path.join(tmp, f"oracle{rank}"))
-        for layout in layouts:
-            results.put((rank, str(layout), run_layout(layout, os.path.join(tmp, str(rank)), ref)))
-        results.put((rank, "checkpoint", save_then_resume(world, run_dir, ref)))
-    except Exception:  # noqa: BLE001 (any failure is reported to the parent)
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(world: int, layouts: list[Layout], tmp, run_dir) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, layouts, str(tmp), str(run_dir), results))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    out: dict[str, float] = {}
-    for _ in range(world * (len(layouts) + 1)):
-        rank, name, value = results.get(timeout=300)
-        if name == "error":
-            for p in procs:
-                p.kill()
-            pytest.fail(f"rank {rank} failed:\n{value}")
-        out[name] = max(out.get(name, 0.0), value)
-    for p in procs:
-        p.join(timeout=60)
-    return out
+def worker(rank: int, world: int, layouts: list[Layout], tmp: str, run_dir: str, report) -> None:
+    ref = oracle(os.path.join(tmp, f"oracle{rank}"))
+    for layout in layouts:
+        report(str(layout), run_layout(layout, os.path.join(tmp, str(rank)), ref))
+    report("checkpoint", save_then_resume(world, run_dir, ref))
 
 
 LAYOUTS = {
@@ -170,7 +134,8 @@ LAYOUTS = {
 def world_results(request, tmp_path_factory):
     world = request.param
     run_dir = tmp_path_factory.getbasetemp() / "dcp_run"
-    return world, spawn(world, LAYOUTS[world], tmp_path_factory.mktemp(f"world{world}"), run_dir)
+    tmp = tmp_path_factory.mktemp(f"world{world}")
+    return world, spawn(worker, world, (LAYOUTS[world], str(tmp), str(run_dir)), len(LAYOUTS[world]) + 1)
 
 
 def test_parallel_training_equals_single_process(world_results):

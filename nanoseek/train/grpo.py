@@ -35,13 +35,13 @@ AGGREGATIONS = ("sequence", "token", "constant")
 
 @dataclass
 class GRPOLossConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.28  # > eps_low is DAPO's clip-higher
+    eps_low: float = 0.2  # the ratio's clip below: 1 - eps_low
+    eps_high: float = 0.28  # the ratio's clip above: 1 + eps_high (> eps_low is DAPO's clip-higher)
     beta: float = 0.0  # KL coefficient; 0 keeps no reference model
     aggregation: Literal["sequence", "token", "constant"] = "token"  # "sequence" (GRPO), "token" (DAPO), "constant" (Dr. GRPO: / (B * max_tokens))
     max_tokens: int = 256  # the constant of "constant" aggregation: the completion length budget
     scale_std: bool = True  # False is Dr. GRPO's unscaled advantage
-    std_eps: float = 1e-4
+    std_eps: float = 1e-4  # added to a group's reward std before dividing by it
 
     def __post_init__(self) -> None:
         _need(self, self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
@@ -145,13 +145,13 @@ class GRPOConfig:
     model: str = "runs/pretrain"  # the base model: a checkpoint directory, or a run directory (its latest one)
     group_size: int = 8  # G completions per prompt
     prompts_per_step: int = 16  # prompts per step (all data-parallel ranks together)
-    max_new_tokens: int = 160  # the evaluation's budget
+    max_new_tokens: int = 160  # the rollouts' completion length limit (the evaluation's budget)
     temperature: float = 1.0  # rollouts' sampling temperature
     top_p: float = 1.0  # rollouts' nucleus sampling
     mu: int = 1  # policy updates per batch of rollouts (> 1 makes the ratio against the sampler matter)
     drop_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage)
     format_weight: float = 0.2  # the base model already writes the format; accuracy is what is to be learned
-    difficulty: int | None = 1  # the held-out evaluation's level; None: the corpus's mix of levels
+    difficulty: int | None = 1  # the level of the training problems (the evaluation's); None: the corpus's mix
     update_tokens: int = 4096  # padded tokens per forward/backward of the update (micro-batches of similar length)
     stop_at_answer: bool = True  # rollouts end at </answer> as the evaluation's do (else only at eos or the limit)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)

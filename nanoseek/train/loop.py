@@ -96,7 +96,7 @@ class TrainConfig:
     """The options every stage shares (a stage's batches and losses have their own config)."""
 
     out_dir: str = "runs/pretrain"  # the run's directory: run.json, checkpoints, metrics, plots, tensorboard
-    max_steps: int = 1400  # optimizer steps (the embedded CPU run's default: ~12 minutes of training on 2 cores)
+    max_steps: int = 1400  # optimizer steps (pretraining's default: ~12 minutes on a 2-core CPU)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio (V3: 2.2e-4 -> 2.2e-5)
     warmup_steps: int = 50  # linear warmup from lr / warmup_steps
@@ -315,8 +315,9 @@ class Trainer:
             self.model.train()
             totals, counts = self.reduce_step(*self.forward_backward(batch))
             grad_norm = self.clip_gradients()
-            finite = finite and math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm)
-            if math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm):
+            update_finite = math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm)
+            finite = finite and update_finite
+            if update_finite:  # else the optimizer skips it: the guard against a non-finite loss or gradient
                 self.optimizer.step()
                 if counts is not None and self.bias_speed > 0:
                     self.update_router_biases(counts)
