@@ -79,21 +79,26 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
-        """Attention straight over the cached latents (B, T, r) and RoPE keys (B, T, rope_dim).
+        """Attention straight over the cached latents (B, T, r) and RoPE keys (B, T, rope_dim): latent attention,
+        as FlashMLA computes it.
 
         W_uk is folded into the query (q_nope W_uk scores against the latent itself) and W_uv is applied after
-        the attention-weighted sum of latents, so all heads share one "key" [latent; k_rope] and one "value"
-        (the latent): multi-query attention with head dim r + rope_dim, run by SDPA with enable_gqa.
+        the attention-weighted sum of latents, so all heads share one "key" [latent; k_rope] and one "value" (the
+        latent): multi-query attention. The S x heads queries of a row are one matrix against the row's cache,
+        so each step reads the cache once and copies nothing per head; the cost grows with the FLOPs.
         mask (B, S, T) is True where a query may see a key.
         """
         c = self.config
-        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, c.qk_nope_head_dim + c.v_head_dim))
+        _, seq, heads, _ = q_nope.shape
+        w = self.kv_b_proj.weight.unflatten(0, (heads, c.qk_nope_head_dim + c.v_head_dim))
         w_uk, w_uv = w.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # (heads, d, r)
-        q = torch.cat([torch.einsum("bshd,hdr->bshr", q_nope, w_uk), q_rope], dim=-1).transpose(1, 2)
-        k = torch.cat([latent, k_rope], dim=-1).unsqueeze(1)  # (B, 1, T, r + rope_dim)
-        out = F.scaled_dot_product_attention(q, k, latent.unsqueeze(1), attn_mask=mask.unsqueeze(1),
-                                             scale=self.softmax_scale, enable_gqa=True)  # (B, heads, S, r)
-        return self.o_proj(torch.einsum("bhsr,hvr->bshv", out, w_uv).flatten(2))
+        q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_uk).flatten(1, 2)  # (B, S*heads, r)
+        scores = torch.bmm(q_latent, latent.mT).baddbmm_(q_rope.flatten(1, 2), k_rope.mT)  # (B, S*heads, T)
+        scores = scores.unflatten(1, (seq, heads)).mul_(self.softmax_scale)
+        scores = scores.masked_fill_(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(latent.dtype)  # (B, S, heads, T)
+        out = torch.bmm(probs.flatten(1, 2), latent).unflatten(1, (seq, heads))  # (B, S, heads, r)
+        return self.o_proj(torch.einsum("bshr,hvr->bshv", out, w_uv).flatten(2))
 
 
 class LatentCacheLayer(Protocol):
