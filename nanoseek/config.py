@@ -170,6 +170,14 @@ class ModelConfig:
         d["num_key_value_heads"] = self.num_attention_heads
         d["hidden_act"] = "silu"
         d["attention_bias"] = False
+        # What DeepSeek's own config.json files carry and vLLM's and SGLang's loaders read: the routing method
+        # (noaux_tc = sigmoid scores with the balancing bias e_score_correction_bias, group-limited), that every
+        # layer past first_k_dense_replace is MoE, and the sequence-wise balance loss.
+        d["topk_method"] = ("noaux_tc" if self.scoring_func == "sigmoid"
+                            else "group_limited_greedy" if self.n_group > 1 else "greedy")
+        d["moe_layer_freq"] = 1
+        d["seq_aux"] = True
+        d["ep_size"] = 1
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **dataclasses.asdict(self.rope_scaling)}
         else:

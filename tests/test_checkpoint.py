@@ -177,3 +177,21 @@ def test_missing_files(tmp_path):
     tiny_config().save(tmp_path / "empty" / "config.json")
     with pytest.raises(CheckpointError, match="no safetensors files"):
         nanoseek.from_pretrained(tmp_path / "empty")
+
+
+def test_saved_config_carries_what_vllm_and_sglang_read(tmp_path):
+    """vLLM's DeepSeek-V2/V3 loader builds the balancing bias only when topk_method is noaux_tc (without it, it
+    stops with KeyError: ...mlp.gate.e_score_correction_bias); DeepSeek's released config.json files carry these."""
+    from nanoseek.config import ModelConfig, get_preset
+
+    torch.manual_seed(0)
+    nanoseek.save_pretrained(nanoseek.DeepSeekV3(tiny_config()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["topk_method"] == "noaux_tc" and config["scoring_func"] == "sigmoid"
+    for key in ("n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "n_shared_experts",
+                "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq", "kv_lora_rank", "q_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_nextn_predict_layers", "rope_theta"):
+        assert key in config, key
+    assert ModelConfig.load(tmp_path) == tiny_config()  # and it reads back unchanged
+    softmax = get_preset("v2-lite-16b").to_hf_dict()
+    assert softmax["topk_method"] == "greedy"  # no balancing bias: V2's plain top-k over softmax scores
