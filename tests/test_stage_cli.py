@@ -107,3 +107,15 @@ def test_grpo_lists_only_options_it_uses(option, capsys):
     assert main(["grpo", "--help"]) == 0
     assert option not in capsys.readouterr().out
     assert main(["grpo", option, "1"]) == 2  # and refuses them
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"stage": "pretrain"}',
+                                     '{"stage": "pretrain", "train": {}, "pretrain": {"unknown_field": 1}}'])
+def test_a_broken_run_json_is_a_message(base, tmp_path, content, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(base, run)
+    (run / "run.json").write_text(content)
+    assert main(["pretrain", "--resume", "--out-dir", str(run)]) == 2
+    assert f"{run}/run.json" in capsys.readouterr().err

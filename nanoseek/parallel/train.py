@@ -64,8 +64,8 @@ def run_pretrain(config: PretrainConfig | None, train: TrainConfig | None, layou
     loader = TokenLoader(data_dir, "train", seq_len=config.seq_len, seed=train.seed)
     # The held-out loss runs the whole model's forward, which a pipeline rank does not hold.
     stage = LanguageModelStage(loader, config, model_config, heldout_data=data_dir if layout.pp == 1 else None)
-    trainer = ParallelTrainer(model, stage, train, ctx, seq_len=config.seq_len,
-                              micro_batch_size=config.micro_batch_size)
+    trainer = ParallelTrainer(model, stage, train, ctx, model_files={"tokenizer.json": data_dir / "tokenizer.json"},
+                              seq_len=config.seq_len, micro_batch_size=config.micro_batch_size)
     return _fit(trainer, resume, f"{layout} on {dist.get_world_size()} ranks")
 
 
@@ -78,7 +78,7 @@ def run_grpo(grpo: GRPOConfig | None, train: TrainConfig | None, resume: bool = 
     model = load_pretrained(path)
     ctx = init_parallel(Layout(dp=dist.get_world_size()), model.config, train.device)
     stage = GRPOStage(tokenizer, ProblemStream(train.seed, grpo.difficulty), grpo)
-    trainer = ParallelTrainer(model, stage, train, ctx)
+    trainer = ParallelTrainer(model, stage, train, ctx, model_files={"tokenizer.json": path / "tokenizer.json"})
     started = time.perf_counter()
     result = _fit(trainer, resume, f"GRPO, {ctx.layout.dp} data-parallel ranks")
     if trainer.is_main and result["stopped"] is None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.atomic import write_text
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.model import DeepSeekV3
 from nanoseek.parallel import checkpoint
 from nanoseek.parallel.data import GradSync, ZeroAdamW, clip_grad_norm
@@ -110,12 +111,18 @@ class ParallelTrainer(Trainer):
 
     # ------------------------------------------------------------------ distributed checkpoints
     def save(self) -> Path:
-        """Collective. checkpoints/step_N is a DCP directory any layout can load; `latest` names the newest."""
+        """Collective. checkpoints/step_N is a DCP directory any layout can load (plus, when no rank splits the
+        model, its model/ as a Hugging Face checkpoint); `latest` names the newest."""
         root = self.checkpoint_dir
         path = root / f"step_{self.step:06d}"
         extra = {"step": self.step, "tokens": self.tokens, "data": self.stage.state_dict(),
                  "layout": str(self.ctx.layout)}
         checkpoint.save(path, self.model, self.optimizer, self.ctx, extra)
+        if self.is_main and self.ctx.layout.pp == 1 and self.ctx.layout.ep == 1:
+            # Every rank holds the whole model: also a Hugging Face directory, for eval, chat and transformers.
+            save_pretrained(self.model, path / "model")
+            for name, source in self.model_files.items():
+                shutil.copyfile(source, path / "model" / name)
         dist.barrier()
         if self.is_main:  # the metadata file is written last: a directory named in `latest` is complete
             write_text(root / "latest", path.name)

@@ -151,7 +151,13 @@ def saved_settings(out_dir: str | Path, stage: str) -> dict[str, Any]:
     if not run_file.is_file():
         raise TrainingError(f"{out} has checkpoints but no run.json (the settings of its run), so it cannot be "
                             "resumed with its own settings; start a new run with --out-dir")
-    saved = json.loads(run_file.read_text())
+    try:
+        saved = json.loads(run_file.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{run_file} is not valid JSON ({e}); it holds the run's settings, so the run cannot "
+                            "be resumed with them") from None
+    if not isinstance(saved, dict) or saved.get("stage") is None:
+        raise TrainingError(f"{run_file} names no stage; it is not a nanoseek run's settings file")
     if saved.get("stage") != stage:
         raise TrainingError(f"{out} holds a `{saved.get('stage')}` run, not a `{stage}` run; resume it with: "
                             f"nanoseek {saved.get('stage')} --resume --out-dir {out}")
@@ -176,8 +182,12 @@ def run_settings(stage: str, config_type: type, config: Any, train: TrainConfig 
                                 "continue it, or --out-dir for a new run")
         return config or config_type(), train or TrainConfig()
     saved = saved_settings(out, stage)
-    saved_config = config_type(**saved[stage])
-    saved_train = TrainConfig(**{**saved["train"], "out_dir": str(out)})
+    try:
+        saved_config = config_type(**saved[stage])
+        saved_train = TrainConfig(**{**saved["train"], "out_dir": str(out)})
+    except (KeyError, TypeError) as e:  # a section or field missing, or one this version does not know
+        raise TrainingError(f"{out}/run.json does not hold the settings this version of nanoseek reads ({e}); "
+                            "start a new run with --out-dir") from None
     given: dict[str, Any] = {}
     for config_given, config_saved in ((config, saved_config), (train, saved_train)):
         if config_given is not None:
