@@ -296,8 +296,8 @@ class NoModel:
 
 def test_chat_commands_never_go_to_the_model(tokenizer):
     out = io.StringIO()
-    chat(NoModel(), tokenizer, "question", SamplingParams(), read=stream_lines(["/unknown", "/help", "/reset", "/exit"]),
-         out=out)
+    chat(NoModel(), tokenizer, "question", SamplingParams(),
+         read=stream_lines(["/unknown", "/help", "/reset", "/exit"]), out=out)
     text = out.getvalue()
     assert "unknown command /unknown; commands:" in text
     assert text.count("/reset  start a new conversation") == 2  # listed after /unknown and after /help

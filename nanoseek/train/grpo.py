@@ -38,7 +38,9 @@ class GRPOLossConfig:
     eps_low: float = 0.2  # the ratio's clip below: 1 - eps_low
     eps_high: float = 0.28  # the ratio's clip above: 1 + eps_high (> eps_low is DAPO's clip-higher)
     beta: float = 0.0  # KL coefficient; 0 keeps no reference model
-    aggregation: Literal["sequence", "token", "constant"] = "token"  # "sequence" (GRPO), "token" (DAPO), "constant" (Dr. GRPO: / (B * max_tokens))
+    # How the per-token losses add up: "sequence" (GRPO: a mean per completion), "token" (DAPO: a mean over all
+    # completion tokens), "constant" (Dr. GRPO: / (completions * max_tokens)).
+    aggregation: Literal["sequence", "token", "constant"] = "token"
     max_tokens: int = 256  # the constant of "constant" aggregation: the completion length budget
     scale_std: bool = True  # False is Dr. GRPO's unscaled advantage
     std_eps: float = 1e-4  # added to a group's reward std before dividing by it
@@ -199,7 +201,8 @@ class GRPOStage:
     name = "grpo"
     flops_per_token = None
 
-    def __init__(self, tokenizer: Tokenizer, problems: ProblemStream, cfg: GRPOConfig, rewards: RewardSet | None = None):
+    def __init__(self, tokenizer: Tokenizer, problems: ProblemStream, cfg: GRPOConfig,
+                 rewards: RewardSet | None = None):
         self.cfg, self.tokenizer, self.problems = cfg, tokenizer, problems
         self.rewards = rewards or r1_zero_rewards(format_weight=cfg.format_weight)
         self.engine: Engine | None = None  # made on the first step, on the trainer's model and device

@@ -107,9 +107,12 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this
     bias_update_speed: float | None = None  # aux-loss-free balancing gamma; None: the model config's; 0: off
     aux_alpha: float | None = None  # sequence-wise balance loss alpha; None: the model config's; 0: off
-    recompute: Literal["none", "selective", "full"] = "none"  # "none", "selective" (RMSNorm + MLA up-projections, as V3), "full" (per block)
-    precision: Literal["auto", "bf16", "fp32", "fp8"] = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32", or "fp8":
-                             # DeepSeek-V3's FP8 GEMMs (nanoseek/model/fp8.py), everything else as "auto"
+    # Activations recomputed in the backward: "none", "selective" (RMSNorm + MLA up-projections, as V3) or "full"
+    # (every block).
+    recompute: Literal["none", "selective", "full"] = "none"
+    # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32", or "fp8": DeepSeek-V3's FP8 GEMMs
+    # (nanoseek/model/fp8.py), everything else as "auto".
+    precision: Literal["auto", "bf16", "fp32", "fp8"] = "auto"
     ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights on the CPU
     eval_every: int = 100  # steps between held-out evaluations (0: none)
     save_every: int = 100  # steps between checkpoints (0: only at the end or on a signal)

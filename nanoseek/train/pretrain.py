@@ -131,7 +131,8 @@ class LanguageModelStage:
         inputs, targets = inputs[rows].to(trainer.device), targets[rows].to(trainer.device)
         mtp_weight = mtp_weight_at(trainer.step, trainer.cfg.max_steps, cfg)
         self.weights = (mtp_weight, trainer.aux_alpha)
-        micro = [TokenBatch(inputs[i:i + mb], targets[i:i + mb], int((targets[i:i + mb] != -100).sum()) / max(1, n_tokens))
+        micro = [TokenBatch(inputs[i:i + mb], targets[i:i + mb],
+                            int((targets[i:i + mb] != -100).sum()) / max(1, n_tokens))  # its share of the step
                  for i in range(0, len(inputs), mb)]
         record = {"batch_size": n_seq, "mtp_weight": mtp_weight}
         if mtp_weight == 0 or not self.has_mtp:
