@@ -46,7 +46,7 @@ else
     device="cuda"
 fi
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+if (( smoke )); then trap 'rm -rf "$work" "$out"' EXIT; else trap 'rm -rf "$work"' EXIT; fi
 started=$SECONDS
 
 step() {  # step NAME COMMAND...: run one benchmark, timed; a failure is reported and the suite goes on
@@ -87,7 +87,7 @@ step grpo python bench/grpo_vs_trl.py "${grpo_size[@]}" --only "$grpo_peers" --o
 step torchrun torchrun --nproc-per-node 1 -m nanoseek.parallel.train pretrain "${torchrun_size[@]}" \
     --device "$device" --eval-every 0 --no-tensorboard --out-dir "$work/torchrun"
 
-echo "=== summary ($((SECONDS - started)) s; results in $out)"
+echo "=== summary ($((SECONDS - started)) s)"
 python - "$out" "$tag" <<'EOF'
 import json, sys
 from pathlib import Path
