@@ -10,6 +10,7 @@ cache memory per token. On a CPU use a small preset to check the script: `python
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -21,37 +22,46 @@ from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.provenance import device_name, git_commit, write_result
 
 
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def timed(fn, device: torch.device, repeats: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of fn."""
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
-def bench_nanoseek(model, prompts: list[list[int]], new_tokens: int, static: bool, device) -> dict:
+def result(prompts: list[list[int]], new_tokens: int, seconds: list[float], tokens: list[list[int]]) -> dict:
+    """tokens/s of the median call (every generated token of the batch over the whole call)."""
+    return {"tok_s": len(prompts) * new_tokens / statistics.median(seconds), "seconds": seconds, "tokens": tokens}
+
+
+def bench_nanoseek(model, prompts: list[list[int]], new_tokens: int, static: bool | None, device,
+                   repeats: int = 1) -> dict:
     engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens, static_decode=static)
     params = SamplingParams(max_new_tokens=new_tokens)
     engine.generate(prompts, SamplingParams(max_new_tokens=16))  # warm-up
-    seconds = timed(lambda: engine.generate(prompts, params), device)
-    out = engine.generate(prompts, params)
-    return {"tok_s": len(prompts) * new_tokens / seconds, "seconds": seconds, "tokens": [c.tokens for c in out]}
+    seconds = timed(lambda: engine.generate(prompts, params), device, repeats)
+    return result(prompts, new_tokens, seconds, [c.tokens for c in engine.generate(prompts, params)])
 
 
-def bench_hf(hf, prompts: list[list[int]], new_tokens: int, compiled: bool, device) -> dict:
+def bench_hf(hf, prompts: list[list[int]], new_tokens: int, compiled: bool, device, repeats: int = 1) -> dict:
     ids = torch.tensor(prompts, device=device)
     kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-          "attention_mask": torch.ones_like(ids)}
+          "attention_mask": torch.ones_like(ids), "pad_token_id": hf.config.eos_token_id}
     if compiled:
         kw |= {"cache_implementation": "static", "compile_config": None}
     with torch.no_grad():
         hf.generate(ids, **{**kw, "max_new_tokens": 16, "min_new_tokens": 16})  # warm-up (and compile)
         hf.generate(ids, **kw)
-        seconds = timed(lambda: hf.generate(ids, **kw), device)
-        out = hf.generate(ids, **kw)[:, ids.shape[1]:]
-    return {"tok_s": len(prompts) * new_tokens / seconds, "seconds": seconds, "tokens": out.tolist()}
+        seconds = timed(lambda: hf.generate(ids, **kw), device, repeats)
+        tokens = hf.generate(ids, **kw)[:, ids.shape[1]:].tolist()
+    return result(prompts, new_tokens, seconds, tokens)
 
 
 def main() -> None:

