@@ -54,15 +54,9 @@ def plan(args: argparse.Namespace) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    from nanoseek.options import from_args, given_options
-    from nanoseek.train.loop import TrainConfig
-    from nanoseek.train.pretrain import PretrainConfig
-    from nanoseek.train.pretrain import pretrain as run
+    from nanoseek.train.pretrain import arguments, pretrain
 
-    if args.resume:  # the run's own saved settings, changed only by the options given now
-        report = run(resume=True, changes={**given_options(args.parser, args, args.argv), "out_dir": args.out_dir})
-    else:
-        report = run(from_args(PretrainConfig, args), from_args(TrainConfig, args))
+    report = pretrain(**arguments(args))
     if report.get("stopped") is not None:
         print(f"stopped at step {report['step']}; resume with: nanoseek pretrain --resume --out-dir {args.out_dir}")
         return
@@ -73,15 +67,9 @@ def pretrain(args: argparse.Namespace) -> None:
 
 
 def grpo(args: argparse.Namespace) -> None:
-    from nanoseek.options import from_args, given_options
-    from nanoseek.train.grpo import GRPOConfig, GRPOLossConfig, run_grpo
-    from nanoseek.train.loop import TrainConfig
+    from nanoseek.train.grpo import arguments, run_grpo
 
-    if args.resume:  # the run's own saved settings, changed only by the options given now
-        result = run_grpo(resume=True, changes={**given_options(args.parser, args, args.argv), "out_dir": args.out_dir})
-    else:
-        config = GRPOConfig(**{**vars(from_args(GRPOConfig, args)), "loss": from_args(GRPOLossConfig, args)})
-        result = run_grpo(config, from_args(TrainConfig, args))
+    result = run_grpo(**arguments(args))
     if result["stopped"] is not None:
         print(f"stopped at step {result['step']}; resume with: nanoseek grpo --resume --out-dir {args.out_dir}")
     else:
@@ -244,8 +232,8 @@ def _os_error_message(e: OSError) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `nanoseek` parser: a subcommand per stage, each option with its help, default and choices."""
     from nanoseek.eval import EvalConfig
-    from nanoseek.train.loop import RESUMABLE_CHANGES, TrainConfig
-    from nanoseek.train.pretrain import PretrainConfig
+    from nanoseek.train import grpo as grpo_stage
+    from nanoseek.train import pretrain as pretrain_stage
 
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 + R1 in one PyTorch package",
                                      formatter_class=HelpFormatter)
@@ -268,33 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, Workload)
     p.set_defaults(func=plan)
 
-    p = sub.add_parser("pipeline", help="the whole embedded pipeline: pretrain -> evaluate -> R1-Zero -> evaluate, "
-                       "with a before/after report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = command(sub, "pipeline", "the whole embedded pipeline: pretrain -> evaluate -> R1-Zero -> evaluate, with a "
+                "before/after report")
     p.add_argument("--out-dir", default="runs", help="one directory per stage under it; finished stages are reused")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its latest checkpoint")
-    p.add_argument("--problems", type=int, default=30, help="distinct held-out problems per task in the evaluations")
+    p.add_argument("--problems", type=positive_int, default=30,
+                   help="distinct held-out problems per task in the evaluations")
     p.set_defaults(func=pipeline)
 
-    p = sub.add_parser("pretrain", help="pretrain a model (no arguments: `small` on the built-in corpus)",
-                       formatter_class=HelpFormatter)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir with its own saved settings (options given now may change "
-                        "only " + ", ".join(RESUMABLE_CHANGES) + ")")
-    add_dataclass_options(p, PretrainConfig)
-    add_dataclass_options(p, TrainConfig)
-    p.set_defaults(func=pretrain, parser=p)
+    p = command(sub, "pretrain", "pretrain a model (no arguments: `small` on the built-in corpus)")
+    pretrain_stage.add_options(p)
+    p.set_defaults(func=pretrain)
 
-    from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPO_UNUSED_OPTIONS, GRPOConfig, GRPOLossConfig
-
-    p = sub.add_parser("grpo", help="R1-Zero: GRPO with rule-based rewards on the built-in tasks, from a base model",
-                       formatter_class=HelpFormatter)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir with its own saved settings (options given now may change "
-                        "only " + ", ".join(RESUMABLE_CHANGES) + ")")
-    add_dataclass_options(p, GRPOConfig, skip=("loss",))
-    add_dataclass_options(p, GRPOLossConfig)
-    add_dataclass_options(p, TrainConfig, skip=GRPO_UNUSED_OPTIONS, defaults=GRPO_TRAIN_DEFAULTS)
-    p.set_defaults(func=grpo, parser=p)
+    p = command(sub, "grpo", "R1-Zero: GRPO with rule-based rewards on the built-in tasks, from a base model")
+    grpo_stage.add_options(p)
+    p.set_defaults(func=grpo)
 
     p = command(sub, "generate", "complete a file of prompts (.txt lines or .jsonl \"prompt\") into JSONL: per prompt "
                 "its reasoning_content (before </think>) and content (the answer after it)")

@@ -28,13 +28,16 @@ from nanoseek.data.shards import TokenLoader
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
-from nanoseek.options import HelpFormatter, add_dataclass_options, from_args, given_options, positive_int
+from nanoseek.options import HelpFormatter, positive_int
 from nanoseek.parallel.mesh import Layout, init_parallel
 from nanoseek.parallel.trainer import ParallelTrainer
-from nanoseek.train.grpo import (GRPO_TRAIN_DEFAULTS, GRPO_UNUSED_OPTIONS, GRPOConfig, GRPOLossConfig, GRPOStage,
-                                 ProblemStream, write_report)
+from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOStage, ProblemStream, write_report
+from nanoseek.train.grpo import add_options as grpo_options
+from nanoseek.train.grpo import arguments as grpo_arguments
 from nanoseek.train.loop import TrainConfig, run_settings
 from nanoseek.train.pretrain import LanguageModelStage, PretrainConfig, prepare_data
+from nanoseek.train.pretrain import add_options as pretrain_options
+from nanoseek.train.pretrain import arguments as pretrain_arguments
 
 
 def _init_process_group(device: str) -> None:
@@ -42,8 +45,8 @@ def _init_process_group(device: str) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
 
 
-def run_pretrain(config: PretrainConfig | None, train: TrainConfig | None, layout: Layout, resume: bool = False,
-                 changes: dict[str, Any] | None = None) -> dict:
+def run_pretrain(layout: Layout, config: PretrainConfig | None = None, train: TrainConfig | None = None,
+                 resume: bool = False, changes: dict[str, Any] | None = None) -> dict:
     config, train = run_settings("pretrain", PretrainConfig, config, train, resume, changes)
     preset = get_preset(config.preset)
     out = Path(train.out_dir)
@@ -69,7 +72,7 @@ def run_pretrain(config: PretrainConfig | None, train: TrainConfig | None, layou
     return _fit(trainer, resume, f"{layout} on {dist.get_world_size()} ranks")
 
 
-def run_grpo(grpo: GRPOConfig | None, train: TrainConfig | None, resume: bool = False,
+def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, resume: bool = False,
              changes: dict[str, Any] | None = None) -> dict:
     grpo, train = run_settings("grpo", GRPOConfig, grpo, train or GRPO_TRAIN_DEFAULTS, resume, changes)
     _init_process_group(train.device)
@@ -106,32 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     p = stages.add_parser("pretrain", help="pretraining on a (pp, dp, ep) mesh", formatter_class=HelpFormatter)
     p.add_argument("--pp", type=positive_int, default=1, help="pipeline ranks (2*pp DualPipeV chunks)")
     p.add_argument("--ep", type=positive_int, default=1, help="expert-parallel ranks")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
-    add_dataclass_options(p, PretrainConfig)
-    add_dataclass_options(p, TrainConfig)
+    pretrain_options(p)
     g = stages.add_parser("grpo", help="GRPO (R1-Zero) with data-parallel rollouts and updates",
                           formatter_class=HelpFormatter)
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its saved settings")
-    add_dataclass_options(g, GRPOConfig, skip=("loss",))
-    add_dataclass_options(g, GRPOLossConfig)
-    add_dataclass_options(g, TrainConfig, skip=GRPO_UNUSED_OPTIONS, defaults=GRPO_TRAIN_DEFAULTS)
-    argv = sys.argv[1:] if argv is None else list(argv)
+    grpo_options(g)
     args = parser.parse_args(argv)
-    # A resume takes the run's saved settings, changed only by the options typed now (out_dir names the run).
-    changes = {**given_options(p if args.stage == "pretrain" else g, args, argv), "out_dir": args.out_dir}
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what was typed: a resume applies only that
     try:
         if args.stage == "pretrain":
             world = int(os.environ.get("WORLD_SIZE", "1"))
             layout = Layout(pp=args.pp, ep=args.ep, dp=max(1, world // (args.pp * args.ep)))
-            if args.resume:
-                run_pretrain(None, None, layout, resume=True, changes=changes)
-            else:
-                run_pretrain(from_args(PretrainConfig, args), from_args(TrainConfig, args), layout)
-        elif args.resume:
-            run_grpo(None, None, resume=True, changes=changes)
+            run_pretrain(layout=layout, **pretrain_arguments(args))
         else:
-            grpo = GRPOConfig(**{**vars(from_args(GRPOConfig, args)), "loss": from_args(GRPOLossConfig, args)})
-            run_grpo(grpo, from_args(TrainConfig, args))
+            run_grpo(**grpo_arguments(args))
     except NanoseekError as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ DAPO's clip-higher) plus beta times the k3 estimate of KL(policy || reference), 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import time
@@ -26,7 +27,9 @@ from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Completion, Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
-from nanoseek.train.loop import LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, run_settings
+from nanoseek.options import add_dataclass_options, from_args
+from nanoseek.train.loop import (LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, add_resume_option,
+                                 resume_arguments, run_settings)
 from nanoseek.train.metrics import read_metrics
 from nanoseek.rewards import RewardSet, Sample, r1_zero_rewards
 
@@ -317,6 +320,22 @@ GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=300, lr=1.5e-4,
 # Shared options a GRPO run has no use for: its loss has no balance term and its forward returns no expert loads
 # (so the balancing biases stay), and it has no periodic held-out loss.
 GRPO_UNUSED_OPTIONS = ("bias_update_speed", "aux_alpha", "eval_every")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The GRPO command's options (`nanoseek grpo`, and the torchrun entry's `grpo`)."""
+    add_resume_option(parser)
+    add_dataclass_options(parser, GRPOConfig, skip=("loss",))
+    add_dataclass_options(parser, GRPOLossConfig)
+    add_dataclass_options(parser, TrainConfig, skip=GRPO_UNUSED_OPTIONS, defaults=GRPO_TRAIN_DEFAULTS)
+
+
+def arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """run_grpo()'s keyword arguments from the parsed options."""
+    if args.resume:
+        return resume_arguments(args)
+    grpo = GRPOConfig(**{**vars(from_args(GRPOConfig, args)), "loss": from_args(GRPOLossConfig, args)})
+    return {"grpo": grpo, "train": from_args(TrainConfig, args)}
 
 
 def grpo_trainer(model: DeepSeekV3, tokenizer: Tokenizer, train: TrainConfig, grpo: GRPOConfig,

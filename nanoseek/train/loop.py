@@ -14,6 +14,7 @@ Run layout under out_dir:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -38,6 +39,7 @@ from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.fp8 import convert_to_fp8_training
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.transformer import Block
+from nanoseek.options import given_options
 from nanoseek.train.metrics import MetricsLog, plot_run
 
 
@@ -143,6 +145,20 @@ class TrainConfig:
 # Settings a resumed run may change; every other one is the run's own, read from its run.json.
 RESUMABLE_CHANGES = ("out_dir", "max_steps", "eval_every", "save_every", "keep_last", "log_every", "device",
                      "tensorboard")
+
+
+def add_resume_option(parser: argparse.ArgumentParser) -> None:
+    """--resume for a stage's command; the parser is kept on the parsed arguments for resume_arguments."""
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir with its own saved settings (options given now may "
+                             "change only " + ", ".join(RESUMABLE_CHANGES) + ")")
+    parser.set_defaults(parser=parser)
+
+
+def resume_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """A stage run function's keyword arguments for a resume: the run's saved settings, changed only by the options
+    typed on the command line (args.argv)."""
+    return {"resume": True, "changes": given_options(args.parser, args, args.argv)}
 
 
 def saved_settings(out_dir: str | Path, stage: str) -> dict[str, Any]:

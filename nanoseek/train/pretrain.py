@@ -7,6 +7,7 @@ held-out loss against the unigram baseline and the greedy accuracy on easy held-
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +24,9 @@ from nanoseek.errors import NanoseekError
 from nanoseek.eval import EvalConfig, evaluate, heldout_problems
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.params import flops_per_token
-from nanoseek.train.loop import LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, run_settings
+from nanoseek.options import add_dataclass_options, from_args
+from nanoseek.train.loop import (LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, add_resume_option,
+                                 resume_arguments, run_settings)
 from nanoseek.train.metrics import plot_run
 
 
@@ -167,6 +170,20 @@ class LanguageModelStage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source.load_state_dict(state)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The pretraining command's options (`nanoseek pretrain`, and the torchrun entry's `pretrain`)."""
+    add_resume_option(parser)
+    add_dataclass_options(parser, PretrainConfig)
+    add_dataclass_options(parser, TrainConfig)
+
+
+def arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """pretrain()'s keyword arguments from the parsed options."""
+    if args.resume:
+        return resume_arguments(args)
+    return {"config": from_args(PretrainConfig, args), "train": from_args(TrainConfig, args)}
 
 
 def prepare_data(setup: PretrainConfig, data_dir: Path, vocab_size: int, seed: int) -> Path:
