@@ -11,6 +11,7 @@ from nanoseek.config import ConfigError
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.cache import LatentKVCache
 from nanoseek.infer.engine import Engine, EngineError, SamplingParams
+from nanoseek.infer.sampling import sample
 from nanoseek.model import DeepSeekV3
 
 from conftest import randomize, tiny_config
@@ -283,3 +284,46 @@ def test_speculative_accepts_every_draft_when_the_mtp_module_is_right():
     completion, stats = engine.generate_speculative([3, 4, 5], SamplingParams(max_new_tokens=10))
     assert completion.tokens == engine.generate([[3, 4, 5]], SamplingParams(max_new_tokens=10))[0].tokens
     assert stats["acceptance_rate"] == 1.0 and stats["tokens_per_forward"] > 1.5
+
+
+@pytest.mark.parametrize("filters", [dict(), dict(top_p=0.8), dict(top_k=5)])
+def test_batched_draws_equal_torch_multinomial_per_row(filters):
+    """The sampler draws each row's noise from its own generator and takes one argmax for the batch; the oracle is
+    torch.multinomial on each row's filtered probabilities with a generator of the same seed."""
+    torch.manual_seed(0)
+    for trial in range(40):
+        logits = torch.randn(6, 50 + 37 * trial) * (1 + trial % 7)
+        params = SamplingParams(temperature=0.4 + 0.05 * trial, **filters)
+        got = sample(logits, [params] * 6, [torch.Generator().manual_seed(trial * 10 + i) for i in range(6)])
+        scaled = logits / params.temperature
+        if params.top_k:
+            scaled = scaled.masked_fill(scaled < scaled.topk(params.top_k, dim=-1).values[:, -1:], float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        if params.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            kept = sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs > params.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, kept)
+        want = [int(torch.multinomial(row, 1, generator=torch.Generator().manual_seed(trial * 10 + i)))
+                for i, row in enumerate(probs)]
+        assert got == want
+
+
+def test_running_requests_keep_the_first_cache_slots_as_others_finish(model):
+    """A finished request's slot takes over the last running request's cache rows, so the running requests hold
+    the first slots and a decode reads the cache as one view; each request still gets the tokens it gets alone."""
+    prompts = [[5, 9, 2], [7] * 9, [1, 2, 3, 4, 5], [300, 200, 100, 50, 25], [42] * 4]
+    lengths = [3, 11, 5, 2, 8]
+    engine = Engine(model, max_batch=4, max_len=64)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=1.0, seed=i))
+           for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.completion.tokens
+        running = min(4, len(engine.unfinished))
+        assert (engine.cache.lengths > 0).tolist() == [True] * running + [False] * (4 - running)
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        alone = Engine(model, max_batch=1, max_len=64).generate([p], SamplingParams(max_new_tokens=n, temperature=1.0,
+                                                                                   seed=i))[0]
+        assert done[ids[i]] == alone.tokens

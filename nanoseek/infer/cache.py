@@ -7,6 +7,8 @@ sequences of at most `max_len` tokens each; a slot is one running sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from nanoseek.config import ModelConfig
@@ -24,6 +26,7 @@ class LatentKVCache:
         self.k_rope = torch.zeros(layers, slots, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens cached per slot
         self.active = torch.arange(slots, device=device)  # the slots (rows) the next forward works on
+        self.rows: slice | torch.Tensor = slice(0, slots)  # the same as an index: a slice where they are consecutive
         self._positions: torch.Tensor | None = None
         self._span = 0
 
@@ -36,10 +39,25 @@ class LatentKVCache:
     def bytes_reserved(self) -> int:
         return (self.latent.numel() + self.k_rope.numel()) * self.latent.element_size()
 
-    def bind(self, slots: torch.Tensor) -> LatentKVCache:
-        """Select the rows of the next forward (in the order of its batch)."""
-        self.active = slots
+    def bind(self, slots: torch.Tensor | Sequence[int]) -> LatentKVCache:
+        """Select the rows of the next forward (in the order of its batch). Slots given as host integers that are
+        consecutive are read as a view of the cache; other slots are gathered (copied) at every layer."""
+        if isinstance(slots, torch.Tensor):
+            self.active = self.rows = slots
+        elif len(slots) and list(slots) == list(range(slots[0], slots[0] + len(slots))):
+            self.active = torch.arange(slots[0], slots[0] + len(slots), device=self.lengths.device)
+            self.rows = slice(slots[0], slots[0] + len(slots))
+        else:
+            self.active = self.rows = torch.tensor(list(slots), dtype=torch.long, device=self.lengths.device)
         return self
+
+    def move(self, source: int, target: int) -> None:
+        """Move slot source's sequence into slot target (whose sequence is dropped); source is then free."""
+        n = int(self.lengths[source])
+        self.latent[:, target, :n] = self.latent[:, source, :n]
+        self.k_rope[:, target, :n] = self.k_rope[:, source, :n]
+        self.lengths[target] = n
+        self.lengths[source] = 0
 
     def reset(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -61,7 +79,7 @@ class LatentKVCache:
     def advance(self, counts: torch.Tensor | int) -> None:
         """After a forward: each active slot now holds `counts` more tokens (a prompt's true length, or 1;
         negative to drop rejected speculative tokens, whose stale entries are then masked and overwritten)."""
-        self.lengths[self.active] += counts
+        self.lengths[self.rows] += counts
 
 
 class _LayerView:
@@ -75,4 +93,4 @@ class _LayerView:
         c.k_rope[self.index, rows, pos] = k_rope.to(c.k_rope.dtype)
         # A query sees the keys at or before its position; slots beyond a row's length hold stale values.
         mask = torch.arange(span, device=pos.device)[None, None, :] <= pos[:, :, None]  # (B, S, span)
-        return c.latent[self.index, c.active, :span], c.k_rope[self.index, c.active, :span], mask
+        return c.latent[self.index, c.rows, :span], c.k_rope[self.index, c.rows, :span], mask

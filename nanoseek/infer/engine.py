@@ -2,7 +2,9 @@
 
 `add_request` queues a request; each `step` decodes one token for every running request in one batched forward,
 then prefills waiting requests into the free cache slots, and reports which requests got which token and which
-finished. A finished or aborted request frees its slot at once for the next waiting one. Each request samples
+finished. A finished or aborted request frees its slot at once for the next waiting one. The running requests
+always hold the first cache slots (a finished request's slot takes over the last running one's cache rows), so a
+forward reads its rows of the cache as one view rather than gathering them. Each request samples
 from its own generator, seeded with its params.seed, so its output does not depend on what it is batched with.
 `generate` and `stream` are short loops over add_request/step; a server or an RL rollout can drive the same three
 calls (and `abort`) itself. (generate and stream call step themselves: a loop of your own over step does not see
@@ -98,9 +100,8 @@ class Engine:
             self._decode_graphs = DecodeGraphs(model, self.cache, max_batch) if static else None
         self._speculator: MTPSpeculator | None = None  # made on the first speculative request
         self._waiting: deque[_Request] = deque()
-        self._running: dict[int, _Request] = {}  # slot -> request
+        self._running: dict[int, _Request] = {}  # slot -> request; always the slots 0 .. len - 1
         self._unfinished: dict[int, _Request] = {}  # id -> request, waiting or running, in arrival order
-        self._free_slots = list(range(max_batch))[::-1]  # taken from the end
         self._next_id = 0
 
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
@@ -117,14 +118,13 @@ class Engine:
         outputs: list[StepOutput] = []
         with eval_mode(self.model):
             if self._running:
-                slots = sorted(self._running)
-                batch = [self._running[slot] for slot in slots]
-                logits = self._decode(torch.tensor([r.completion.tokens[-1] for r in batch]), torch.tensor(slots))
+                batch = [self._running[slot] for slot in range(len(self._running))]
+                logits = self._decode(torch.tensor([r.completion.tokens[-1] for r in batch]))
                 outputs = self._take(batch, logits)
             admitted = []
-            while self._waiting and self._free_slots:
+            while self._waiting and len(self._running) < self.max_batch:
                 request = self._waiting.popleft()
-                request.slot = self._free_slots.pop()
+                request.slot = len(self._running)
                 self._running[request.slot] = request
                 admitted.append(request)
             if admitted:
@@ -198,13 +198,13 @@ class Engine:
             raise EngineError("speculative decoding drafts with the MTP module; this model has none "
                               "(num_nextn_predict_layers = 0)")
         self._check(prompt, params, "the prompt", draft_tokens=1)
-        if not self._free_slots:
+        if len(self._running) == self.max_batch:
             raise EngineError(f"speculative decoding needs a free cache slot; all {self.max_batch} hold running "
                               "requests")
         if self._speculator is None:
             self._speculator = MTPSpeculator(self.model, self.cache)
         with eval_mode(self.model):
-            return self._speculator.generate(prompt, params, self._free_slots[-1], self.tokenizer)
+            return self._speculator.generate(prompt, params, len(self._running), self.tokenizer)
 
     def _check(self, prompt: list[int], params: SamplingParams, name: str, draft_tokens: int = 0) -> None:
         if params.stop_strings and self.tokenizer is None:
@@ -219,8 +219,6 @@ class Engine:
                               "max_len (--max-len) or shorten the prompt")
 
     def _enqueue(self, prompt: list[int], params: SamplingParams, seed: int) -> _Request:
-        if not self._unfinished:  # an idle engine hands out slots from 0 up: the same calls make the same batches
-            self._free_slots = list(range(self.max_batch))[::-1]
         request = _Request(self._next_id, params, torch.Generator().manual_seed(seed), Completion(list(prompt)))
         self._next_id += 1
         self._unfinished[request.id] = request
@@ -243,8 +241,15 @@ class Engine:
         if request.slot is None:
             self._waiting.remove(request)
         else:
-            del self._running[request.slot]
-            self._free_slots.append(request.slot)
+            last = len(self._running) - 1
+            if request.slot != last:  # the last running request moves into the freed slot: no gaps
+                moved = self._running.pop(last)
+                self.cache.move(last, request.slot)
+                moved.slot = request.slot
+                self._running[request.slot] = moved
+            else:
+                del self._running[last]
+                self.cache.reset(last)
             request.slot = None
         del self._unfinished[request.id]
         request.finished = True
@@ -252,11 +257,11 @@ class Engine:
             request.completion.text = cut_after_stop(self.tokenizer.decode(request.completion.tokens),
                                                      request.params)
 
-    def _decode(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """One token (B,) for each of the slots (B,) -> next-token logits (B, V) float32; the slots advance."""
-        tokens, slots = tokens.to(self.device), slots.to(self.device)
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token (B,) for each of the first B slots -> next-token logits (B, V) float32; the slots advance."""
+        tokens, slots = tokens.to(self.device), range(len(tokens))
         if self._decode_graphs is not None:
-            logits = self._decode_graphs(tokens, slots)
+            logits = self._decode_graphs(tokens, torch.arange(len(tokens), device=self.device))
         else:
             logits = self.model(tokens[:, None], cache=self.cache.bind(slots))[:, -1].float()
         self.cache.bind(slots).advance(1)
@@ -278,9 +283,7 @@ class Engine:
             for row, prompt in enumerate(prompts[start:end]):
                 batch[row, :len(prompt)] = torch.tensor(prompt)
             lengths = torch.tensor([len(p) for p in prompts[start:end]], device=self.device)
-            active = torch.tensor(slots[start:end], device=self.device)
-            self.cache.lengths[active] = 0
-            self.cache.bind(active)
+            self.cache.bind(slots[start:end]).lengths[self.cache.rows] = 0
             out = self.model(batch.to(self.device), cache=self.cache)
             logits.append(out[torch.arange(end - start, device=self.device), lengths - 1].float())
             self.cache.advance(lengths)
