@@ -72,10 +72,14 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
-        # SDPA takes (B, heads, S, d); the value head dim may differ from the query/key one.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        # SDPA takes (B, heads, S, d). The fused (flash) kernels want one head dim for q, k and v; with a narrower
+        # v, SDPA falls back to the math kernel (full S x S scores, 3x slower forward on the CPU), so v is padded
+        # with zeros to the query/key dim and the padding cut from the output, as transformers does for FA2.
+        pad = c.qk_head_dim - c.v_head_dim
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             F.pad(v, (0, pad)).transpose(1, 2) if pad > 0 else v.transpose(1, 2),
                                              is_causal=True, scale=self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return self.o_proj(out[..., :c.v_head_dim].transpose(1, 2).flatten(2))
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:

@@ -138,9 +138,11 @@ def run_local_experts(experts: RoutedExperts, tokens: torch.Tensor, route: Routi
     order = flat.argsort(stable=True)
     counts = expert_counts(flat, experts.gate_up_proj.shape[0])
     source = order // top_k
-    y = experts(tokens[source], counts.cumsum(0).to(torch.int32))
+    # index_select rather than tokens[source]: its backward is an index_add_, several times faster on the CPU than
+    # the sorting index_put_ that advanced indexing's backward runs.
+    y = experts(tokens.index_select(0, source), counts.cumsum(0).to(torch.int32))
     # Combine: weight each expert output and sum back into its token's row.
-    y = y * route.weights.flatten()[order].unsqueeze(-1)
+    y = y * route.weights.flatten().index_select(0, order).unsqueeze(-1)
     return torch.zeros_like(tokens).index_add_(0, source, y.to(tokens.dtype))
 
 
