@@ -80,11 +80,11 @@ def grpo(args: argparse.Namespace) -> None:
 def pipeline(args: argparse.Namespace) -> None:
     from nanoseek.pipeline import run_pipeline
 
-    report = run_pipeline(args.out_dir, resume=args.resume, eval_problems=args.problems)
+    report = run_pipeline(args.out_dir, resume=args.resume, eval_problems=args.problems, seed=args.seed)
     before, after = report["base"]["overall"], report["r1_zero"]["overall"]
     print(f"held-out pass@1 {100 * before['pass@1']:.1f}% -> {100 * after['pass@1']:.1f}%, format rate "
-          f"{100 * before['format']:.1f}% -> {100 * after['format']:.1f}%, {report['minutes']['total']:.1f} min; "
-          f"report: {args.out_dir}/report.md")
+          f"{100 * before['format']:.1f}% -> {100 * after['format']:.1f}%, {report['minutes']['total']:.1f} min "
+          f"(seed {report['seed']}); report: {args.out_dir}/report.md")
 
 
 def tokenizer_train(args: argparse.Namespace) -> None:
@@ -262,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its latest checkpoint")
     p.add_argument("--problems", type=positive_int, default=30,
                    help="distinct held-out problems per task in the evaluations")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of both training stages: the built-in corpus's problems (so also the tokenizer "
+                        "trained on them) and held-out and FIM draws, the model's initialisation, the order of the "
+                        "pretraining data and of the R1-Zero problems, R1-Zero's sampling; the evaluations keep "
+                        f"seed {EvalConfig().seed} for their held-out problems and sampling, so that seeds compare")
     p.set_defaults(func=pipeline)
 
     p = command(sub, "pretrain", "pretrain a model (no arguments: `small` on the built-in corpus)")

@@ -4,6 +4,9 @@ Pretrain the base model on the built-in corpus, evaluate it, run R1-Zero (GRPO w
 it, evaluate the result the same way, and write a before/after report with plots. Each stage writes into its
 own directory under out_dir; a finished stage is reused when the pipeline runs again, an interrupted one is
 continued with --resume.
+
+The pipeline's seed is both training stages' seed; the evaluations keep their own fixed seed (the same held-out
+problems and sampling for every pipeline seed), so runs of different seeds compare.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import PretrainConfig, pretrain
 
 
-def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_problems: int = 30,
+def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_problems: int = 30, seed: int = 0,
                  eval_config: EvalConfig | None = None, data: PretrainConfig | None = None,
                  pretrain_train: TrainConfig | None = None, grpo: GRPOConfig | None = None,
                  grpo_train: TrainConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Every argument has the stages' own defaults (`nanoseek pretrain`, `nanoseek grpo`, `nanoseek eval`);
-    out_dir/<stage> replaces each stage's output directory."""
+    out_dir/<stage> replaces each stage's output directory and `seed` each training stage's seed."""
     out = Path(out_dir)
+    base, rl = out / "pretrain", out / "grpo"
+    _check_seed(out, seed, (base / "data" / "meta.json", base / "run.json", rl / "run.json"))
     out.mkdir(parents=True, exist_ok=True)
     eval_config = eval_config or EvalConfig()
     timings = out / "minutes.json"  # each stage's wall time, kept across interrupted runs
@@ -52,9 +57,8 @@ def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_proble
         report.write_text(json.dumps(result, indent=2) + "\n")
         print(format_table(result))
 
-    base, rl = out / "pretrain", out / "grpo"
-    pretrain_train = replace(pretrain_train or TrainConfig(), out_dir=str(base))
-    grpo_train = replace(grpo_train or GRPO_TRAIN_DEFAULTS, out_dir=str(rl))
+    pretrain_train = replace(pretrain_train or TrainConfig(), out_dir=str(base), seed=seed)
+    grpo_train = replace(grpo_train or GRPO_TRAIN_DEFAULTS, out_dir=str(rl), seed=seed)
     # The pretraining's own greedy check is skipped: the evaluation stage measures the base model fully.
     data = replace(data or PretrainConfig(), eval_problems=0)
     grpo = replace(grpo or GRPOConfig(), model=str(base))
@@ -67,7 +71,9 @@ def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_proble
 
     before = json.loads((out / "eval-base.json").read_text())
     after = json.loads((out / "eval-grpo.json").read_text())
-    report = {"base": before, "r1_zero": after, "minutes": {**minutes, "total": sum(minutes.values())}}
+    seeds = {"pipeline": seed, "pretrain": _stage_seed(base), "grpo": _stage_seed(rl), "evaluation": eval_config.seed}
+    report = {"seed": seed, "seeds": seeds, "base": before, "r1_zero": after,
+              "minutes": {**minutes, "total": sum(minutes.values())}}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_pass_at_1(before, after, out / "pass_at_1.png")
     (out / "report.md").write_text(_report_markdown(report))
@@ -76,6 +82,27 @@ def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_proble
 
 class PipelineStopped(NanoseekError):
     """A stage was stopped by a signal after saving; the pipeline ends there."""
+
+
+class SeedMismatch(NanoseekError):
+    """out_dir holds stages of another seed: reusing or continuing them would mix two seeds in one run."""
+
+
+def _check_seed(out: Path, seed: int, settings_files: tuple[Path, ...]) -> None:
+    """Refuse a seed other than the one the stages already in out ran with (their run.json, or the prepared
+    pretraining data's meta.json), whether they would be reused or resumed."""
+    for path in settings_files:
+        if path.is_file():
+            settings = json.loads(path.read_text())
+            saved = settings.get("train", settings)["seed"]
+            if saved != seed:
+                raise SeedMismatch(f"{out} holds a pipeline run of seed {saved} ({path}), not {seed}: continue it "
+                                   f"with --seed {saved}, or run seed {seed} in another --out-dir")
+
+
+def _stage_seed(stage_dir: Path) -> int:
+    """The seed a finished training stage reports it ran with."""
+    return json.loads((stage_dir / "report.json").read_text())["seed"]
 
 
 def _finished(result: dict[str, Any]) -> None:
@@ -115,12 +142,15 @@ def _report_markdown(report: dict[str, Any]) -> str:
         a = after["per_task"][name] if name != "overall" else after["overall"]
         rows.append(f"| {name} | " + " | ".join(f"{100 * b[m]:.1f}% -> {100 * a[m]:.1f}%" for m in metrics) + " |")
     times = ", ".join(f"{name} {m:.1f} min" for name, m in report["minutes"].items())
+    seeds = report["seeds"]
     return f"""# R1-Zero pipeline report
 
 Base model pretrained on the built-in corpus, then R1-Zero (GRPO, accuracy + format rewards) from it.
 Held-out problems: {before['problems']} (easy level), k = {before['k']} samples at temperature
 {before['temperature']}, top-p {before['top_p']}; greedy is one temperature-0 completion.
 Stages: {times}.
+Seeds: pipeline {seeds['pipeline']} (pretraining {seeds['pretrain']}, R1-Zero {seeds['grpo']}; the evaluations'
+problems and sampling {seeds['evaluation']}).
 
 | task | {' | '.join(m.replace('@k', f"@{before['k']}") for m in metrics)} |
 |---|{'---|' * len(metrics)}

@@ -121,6 +121,29 @@ def test_prompt_options_are_checked_where_given(option, value, message, tmp_path
     assert f"argument {option}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "1.5", "one"])
+def test_pipeline_seed_is_checked_as_an_integer_from_0(value, tmp_path, capsys):
+    assert main(["pipeline", "--out-dir", str(tmp_path / "runs"), "--seed", value]) == 2
+    assert f"argument --seed: must be an integer >= 0, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_seed_reaches_the_pipeline(monkeypatch, tmp_path, capsys):
+    import nanoseek.pipeline
+
+    given = {}
+    result = {"pass@1": 0.5, "format": 1.0}
+
+    def fake_pipeline(out_dir, **options):
+        given.update(options)
+        return {"seed": options["seed"], "base": {"overall": result}, "r1_zero": {"overall": result},
+                "minutes": {"total": 1.0}}
+
+    monkeypatch.setattr(nanoseek.pipeline, "run_pipeline", fake_pipeline)
+    assert main(["pipeline", "--out-dir", str(tmp_path), "--seed", "7"]) == 0
+    assert given["seed"] == 7 and "(seed 7)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", [
     lambda d: ["tokenizer", "train", d["corpus"], "--vocab-size", "300", "--out", d["out"] + "/tokenizer.json"],
     lambda d: ["data", "prepare", d["corpus"], "--tokenizer", d["tokenizer"], "--out", d["out"]],
