@@ -79,6 +79,15 @@ def test_grpo_writes_a_report(base, tmp_path, capsys):
     assert "2 steps" in text and "reward" in text and "plots/reward.png" in text
 
 
+def test_grpo_resumes_a_run_started_with_its_own_learning_rate(base, tmp_path):
+    """The resume takes the run's saved lr; GRPO's default lr is not an option given against it."""
+    out = tmp_path / "grpo"
+    assert main(["grpo", "--model", str(base), *GRPO, "--lr", "1e-3", "--max-steps", "1", "--out-dir", str(out)]) == 0
+    assert main(["grpo", "--resume", "--out-dir", str(out), "--max-steps", "2"]) == 0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"]
+    assert [r["step"] for r in records] == [1, 2] and json.loads((out / "run.json").read_text())["train"]["lr"] == 1e-3
+
+
 def test_pretrain_without_the_greedy_check_still_reports(base, capsys):
     report = json.loads((base / "report.json").read_text())
     assert report["task_accuracy"] is None and report["heldout_loss"] > 0
