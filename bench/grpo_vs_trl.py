@@ -84,13 +84,22 @@ from nanoseek.train.loop import TrainConfig, learning_rate
 from nanoseek.rewards import RewardSet, Sample, r1_zero_rewards
 
 LOSS_TYPES = {"token": "dapo", "sequence": "grpo", "constant": "dr_grpo"}  # nanoseek aggregation -> TRL loss_type
-# DeepSeek-V3/R1's chat format (nanoseek.data.tokenizer.apply_chat_template) for the exported tokenizer; the
+# DeepSeek-V3/R1's chat format (nanoseek.data.tokenizer.apply_chat_template) for the exported tokenizer: replies
+# before the last user message without their reasoning, later ones with it (inline or as reasoning_content); the
 # benchmark's prompts are plain text, so TRL never applies it.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
-    "{% set ns.system = ns.system + ('\n\n' if ns.system else '') + m['content'] %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% set ns = namespace(system='', last_user=-1) %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = ns.system + ('\n\n' if ns.system else '') + m['content'] %}"
+    "{% elif m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
     "{{ ns.system }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% elif m['role'] == 'assistant' %}{% set content = m['content'] %}"
+    "{% set reasoning = (m.get('reasoning_content') or '') | trim %}"
+    "{% if '</think>' in content %}{% set reasoning = content.split('</think>')[0] | trim %}"
+    "{% if reasoning.startswith('<think>') %}{% set reasoning = reasoning[7:] | trim %}{% endif %}"
+    "{% set content = content.split('</think>', 1)[1] | trim %}{% endif %}"
+    "{% if reasoning and loop.index0 > ns.last_user %}"
+    "{{ '<｜Assistant｜><think>\n' + reasoning + '\n</think>\n\n' + content + eos_token }}"
+    "{% else %}{{ '<｜Assistant｜>' + content + eos_token }}{% endif %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}{% endif %}"
 )
 

@@ -77,6 +77,21 @@ def grpo(args: argparse.Namespace) -> None:
               f"{args.out_dir}/checkpoints, plots in {args.out_dir}/plots")
 
 
+def sft(args: argparse.Namespace) -> None:
+    from nanoseek.train.sft import arguments, run_sft
+
+    result = run_sft(**arguments(args))
+    if result.get("stopped") is not None:
+        print(f"stopped at step {result['step']}; resume with: nanoseek sft --resume --out-dir {args.out_dir}")
+        return
+    loss, accuracy = result["heldout_loss"], result["chat_accuracy"]
+    print(f"finished {result['steps']} steps"
+          + (f"; held-out loss {loss['before']:.3f} -> {loss['after']:.3f}" if loss["after"] is not None else "")
+          + (f"; greedy chat-format accuracy {100 * accuracy['before']['mean']:.0f}% -> "
+             f"{100 * accuracy['after']['mean']:.0f}%" if accuracy else "")
+          + f"; report: {args.out_dir}/report.md, checkpoints in {args.out_dir}/checkpoints")
+
+
 def pipeline(args: argparse.Namespace) -> None:
     from nanoseek.pipeline import run_pipeline
 
@@ -171,7 +186,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     model, tokenizer = _load_for_inference(args)
     cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                     seed=args.seed, greedy=not args.no_greedy)
+                     seed=args.seed, greedy=not args.no_greedy, template=args.template)
     report = run(model, tokenizer, heldout_problems(args.problems, args.difficulty, args.seed), cfg,
                  max_batch=args.max_batch, progress=True)
     print(format_table(report))
@@ -234,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanoseek.eval import EvalConfig
     from nanoseek.train import grpo as grpo_stage
     from nanoseek.train import pretrain as pretrain_stage
+    from nanoseek.train import sft as sft_stage
 
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 + R1 in one PyTorch package",
                                      formatter_class=HelpFormatter)
@@ -273,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_stage.add_options(p)
     p.set_defaults(func=pretrain)
 
+    p = command(sub, "sft", "supervised fine-tuning on chat conversations (DeepSeek-R1's cold start; no data: the "
+                "built-in cold-start conversations), loss on the assistant's tokens only")
+    sft_stage.add_options(p)
+    p.set_defaults(func=sft)
+
     p = command(sub, "grpo", "R1-Zero: GRPO with rule-based rewards on the built-in tasks, from a base model")
     grpo_stage.add_options(p)
     p.set_defaults(func=grpo)
@@ -297,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", type=positive_int, default=30, help="distinct held-out problems per task")
     p.add_argument("--difficulty", type=int, default=1, choices=(1, 2, 3), help="level of the problems")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--template", default=defaults.template, choices=("question", "chat", "r1-zero"),
+                   help="how a problem becomes a prompt: question (the built-in corpus's format: pretrained and "
+                        "R1-Zero models), chat (DeepSeek's chat format: models fine-tuned by `nanoseek sft`), "
+                        "r1-zero (the R1-Zero prompt)")
     p.add_argument("--out", help="also write the report to this JSON file")
     p.set_defaults(func=evaluate, max_new_tokens=defaults.max_new_tokens, top_p=defaults.top_p, max_batch=64)
 

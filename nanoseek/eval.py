@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from nanoseek.data import tasks
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.chat import encode_prompt
 from nanoseek.infer.engine import Completion, Engine, SamplingParams, StepOutput
 from nanoseek.model import DeepSeekV3
 from nanoseek.rewards import Sample, format_reward, final_answer
@@ -31,6 +32,9 @@ class EvalConfig:
     max_new_tokens: int = 160
     seed: int = 0
     greedy: bool = True
+    # How a problem becomes a prompt (infer.chat.TEMPLATES): "question", the built-in corpus's format (pretrained and
+    # R1-Zero models), or "chat", DeepSeek's chat format (models fine-tuned on conversations by `nanoseek sft`).
+    template: str = "question"
 
 
 def score_problem(problem: tasks.Problem, samples: list[str]) -> dict[str, float]:
@@ -52,7 +56,7 @@ def sample_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[t
     """-> (k sampled completions per problem, problem by problem; one greedy completion per problem, or none
     when cfg.greedy is off), all stopped at </answer>. progress: a bar of completions done (and tokens/s) on
     stderr."""
-    prompts = [tokenizer.encode(tasks.format_prompt(p), bos=True) for p in problems]
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p.question}], cfg.template) for p in problems]
     stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
     engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
                     tokenizer=tokenizer)

@@ -148,13 +148,19 @@ def test_chat_template_exact_string():
                 {"role": "user", "content": "What is 2+3?"},
                 {"role": "assistant", "content": "<think>\n2+3=5\n</think>\n5"},
                 {"role": "user", "content": "And 2*3?"}]
+    # As DeepSeek-R1's template: a reply before the last user message shows only its answer.
     assert apply_chat_template(messages) == (
-        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>What is 2+3?<｜Assistant｜><think>\n2+3=5\n</think>\n5"
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>What is 2+3?<｜Assistant｜>5"
         "<｜end▁of▁sentence｜><｜User｜>And 2*3?<｜Assistant｜><think>\n")
     assert apply_chat_template(messages[1:2], thinking=False) == (
         "<｜begin▁of▁sentence｜><｜User｜>What is 2+3?<｜Assistant｜>")
-    assert apply_chat_template(messages[1:3], add_generation_prompt=False) == (
-        "<｜begin▁of▁sentence｜><｜User｜>What is 2+3?<｜Assistant｜><think>\n2+3=5\n</think>\n5<｜end▁of▁sentence｜>")
+    # The reply after the last user message keeps its reasoning, in R1's layout (a blank line before the answer),
+    # whether it comes inline or as reasoning_content.
+    last_turn = ("<｜begin▁of▁sentence｜><｜User｜>What is 2+3?<｜Assistant｜><think>\n2+3=5\n</think>\n\n5"
+                 "<｜end▁of▁sentence｜>")
+    assert apply_chat_template(messages[1:3], add_generation_prompt=False) == last_turn
+    separate = [messages[1], {"role": "assistant", "content": "5", "reasoning_content": "2+3=5"}]
+    assert apply_chat_template(separate, add_generation_prompt=False) == last_turn
     two_systems = [{"role": "system", "content": "A."}, {"role": "system", "content": "B."}]
     assert apply_chat_template(two_systems, add_generation_prompt=False) == "<｜begin▁of▁sentence｜>A.\n\nB."
 
@@ -169,6 +175,11 @@ def test_chat_template_rejects_bad_messages():
         apply_chat_template([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
     with pytest.raises(ValueError, match="message 0: content"):
         apply_chat_template([{"role": "user"}])
+    with pytest.raises(ValueError, match="message 1: the content opens <think> but never closes it"):
+        apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>y"}])
+    with pytest.raises(ValueError, match="message 1: has both a reasoning_content and a <think> block"):
+        apply_chat_template([{"role": "user", "content": "x"},
+                             {"role": "assistant", "content": "<think>y</think>z", "reasoning_content": "y"}])
 
 
 def test_r1_zero_template():

@@ -44,28 +44,84 @@ class TokenizerError(NanoseekError, ValueError):
     """A tokenizer file that cannot be used; the message names the file and what is missing."""
 
 
-def apply_chat_template(messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool = True) -> str:
-    """DeepSeek-V3/R1 chat format: bos, the system prompts (joined by a blank line), then
-    `<｜User｜>{content}` and `<｜Assistant｜>{content}<｜end▁of▁sentence｜>` turns; the generation prompt is
-    `<｜Assistant｜>`, followed by `<think>\\n` when `thinking` (as DeepSeek-R1 starts its reply)."""
+def split_thinking(content: str) -> tuple[str, str]:
+    """An assistant message's content -> (reasoning, answer): an inline `<think>...</think>` block (the opening tag
+    may be missing, as in DeepSeek-R1's own outputs, whose template opens it) and the text after it, both stripped;
+    no `</think>`: no reasoning. A `<think>` that is never closed is a ValueError."""
+    if END_THINK in content:
+        reasoning, answer = content.split(END_THINK, 1)
+        reasoning = reasoning.strip()
+        return reasoning.removeprefix(THINK).strip(), answer.strip()
+    if THINK in content:
+        raise ValueError(f"the content opens {THINK} but never closes it with {END_THINK}")
+    return "", content
+
+
+def render_assistant(reasoning: str, answer: str) -> str:
+    """An assistant turn's text between `<｜Assistant｜>` and the end of sentence, as DeepSeek-R1 writes it."""
+    return f"{THINK}\n{reasoning}\n{END_THINK}\n\n{answer}" if reasoning else answer
+
+
+def chat_pieces(messages: Sequence[dict], add_generation_prompt: bool = True,
+                thinking: bool = True) -> list[tuple[str, bool]]:
+    """DeepSeek-V3/R1's chat format as (text, is the assistant's output) pieces, in order; their texts joined are
+    `apply_chat_template`'s string, so the engine's prompts and SFT's training sequences are one rendering.
+
+    bos, the system prompts (joined by a blank line), then `<｜User｜>{content}` and
+    `<｜Assistant｜>{reply}<｜end▁of▁sentence｜>` turns, where a reply with reasoning (a `reasoning_content` field, or
+    an inline `<think>...</think>` at the start of its content) is `<think>\n{reasoning}\n</think>\n\n{answer}`.
+    As DeepSeek-R1's template, replies before the last user message show only their answer (the model never sees
+    its earlier reasoning; `nanoseek chat` keeps its history that way); replies after it keep their reasoning.
+    Every piece ends or starts at a special token, so encoding the pieces one by one gives the ids of the whole.
+
+    The second item is True for a reply's text and its end of sentence when the reply is shown as the assistant
+    wrote it (the tokens SFT learns); False for everything else: bos, system and user text, the `<｜Assistant｜>`
+    tag, and a reply whose reasoning was dropped (its answer alone is not what the assistant wrote). The
+    generation prompt is `<｜Assistant｜>`, followed by `<think>\n` when `thinking` (as DeepSeek-R1 starts its
+    reply)."""
     system: list[str] = []
-    turns: list[str] = []
+    turns: list[tuple[str, bool]] = []
+    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    last_user = users[-1] if users else -1
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i}: expected an object with a role and a content, got "
+                             f"{type(message).__name__}")
         role, content = message.get("role"), message.get("content")
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
+            raise ValueError(f"message {i}: reasoning_content must be a string, and only in an assistant message")
         if role == "system":
             system.append(content)
         elif role == "user":
-            turns.append(USER + content)
+            turns.append((USER + content, False))
         elif role == "assistant":
-            turns.append(ASSISTANT + content + EOS)
+            try:
+                inline, answer = split_thinking(content)
+            except ValueError as e:
+                raise ValueError(f"message {i}: {e}") from None
+            if inline and reasoning:
+                raise ValueError(f"message {i}: has both a reasoning_content and a {THINK} block in its content")
+            reasoning = (reasoning or inline).strip()
+            dropped = bool(reasoning) and i < last_user
+            turns.append((ASSISTANT, False))
+            turns.append((render_assistant("" if dropped else reasoning, answer) + EOS, not dropped))
         else:
             raise ValueError(f"message {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
-    prompt = BOS + "\n\n".join(system) + "".join(turns)
+    pieces = [(BOS + "\n\n".join(system), False), *turns]
     if add_generation_prompt:
-        prompt += ASSISTANT + (THINK + "\n" if thinking else "")
-    return prompt
+        pieces.append((ASSISTANT + (THINK + "\n" if thinking else ""), False))
+    return pieces
+
+
+def apply_chat_template(messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool = True) -> str:
+    """DeepSeek-V3/R1 chat format as one string (see `chat_pieces`): bos, the system prompts, then
+    `<｜User｜>{content}` and `<｜Assistant｜>{reply}<｜end▁of▁sentence｜>` turns (the reasoning of replies before
+    the last user message dropped, as DeepSeek-R1's template does); the generation prompt is `<｜Assistant｜>`,
+    followed by `<think>\n` when `thinking`."""
+    return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt, thinking))
 
 
 class Tokenizer:

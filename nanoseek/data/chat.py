@@ -1,0 +1,173 @@
+"""Chat data for supervised fine-tuning: conversations read from JSONL (checked line by line), the built-in
+cold-start conversations, and a conversation's token ids with the mask of the tokens the assistant wrote.
+
+A JSONL line is `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`; an assistant's
+reasoning is either inline, `<think>...</think>` at the start of its content, or a separate `reasoning_content`
+field (DeepSeek's API names). Conversations are rendered by the one chat template (`tokenizer.chat_pieces`), the
+one the engine's `chat` prompts use, and encoded piece by piece, so the mask is exact by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanoseek.data import tasks
+from nanoseek.data.shards import DataError
+from nanoseek.data.tokenizer import Tokenizer, chat_pieces
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatDataError(DataError):
+    """A conversation that cannot be trained on; the message names its file and line."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: list[dict]
+    source: str  # where it came from, for messages: "path/to/file.jsonl:12", or "built-in #3"
+
+
+def check_messages(messages: object, where: str) -> list[dict]:
+    """A conversation's messages, checked: a non-empty list of {role, content} objects with known roles, at least
+    one assistant turn, no empty assistant turn, and the assistant's reply last (what SFT learns is the
+    assistant's; a conversation that ends with another role has a turn nothing is learnt from). Raises
+    ChatDataError naming `where` and the message."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatDataError(f"{where}: expected a non-empty \"messages\" list of {{\"role\", \"content\"}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ChatDataError(f"{where}: message {i} is not an object with a role and a content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ChatDataError(f"{where}: message {i} has unknown role {role!r} (expected 'system', 'user' or "
+                                "'assistant')")
+        if not isinstance(message.get("content"), str):
+            raise ChatDataError(f"{where}: message {i} ({role}): content must be a string, got "
+                                f"{type(message.get('content')).__name__}")
+        if role == "assistant" and not message["content"].strip() and not (message.get("reasoning_content") or
+                                                                          "").strip():
+            raise ChatDataError(f"{where}: message {i} is an empty assistant turn (no content, no reasoning)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatDataError(f"{where}: no assistant turn: nothing to learn from (SFT trains on the assistant's "
+                            "replies)")
+    if messages[-1]["role"] != "assistant":
+        raise ChatDataError(f"{where}: the last message is a {messages[-1]['role']} message; a conversation must "
+                            "end with the assistant's reply")
+    try:
+        chat_pieces(messages, add_generation_prompt=False)  # the template's own checks (reasoning fields, tags)
+    except ValueError as e:
+        raise ChatDataError(f"{where}: {e}") from None
+    return messages
+
+
+def jsonl_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and the *.jsonl files of directories (sorted)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.rglob("*.jsonl"))
+            if not found:
+                raise ChatDataError(f"{path} holds no .jsonl files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ChatDataError(f"no such file or directory: {path}")
+    return files
+
+
+def read_conversations(paths: Iterable[str | Path]) -> list[Conversation]:
+    """Every conversation of the JSONL files (or directories of them), in file and line order. Blank lines are
+    skipped; any other line that is not a valid conversation stops the read with a ChatDataError naming its file
+    and line number."""
+    conversations = []
+    for file in jsonl_files(paths):
+        before = len(conversations)
+        with open(file, encoding="utf-8") as f:
+            for number, line in _lines(f, file):
+                if not line.strip():
+                    continue
+                where = f"{file}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ChatDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict) or "messages" not in row:
+                    raise ChatDataError(f"{where}: expected a JSON object with a \"messages\" list")
+                conversations.append(Conversation(check_messages(row["messages"], where), where))
+        if len(conversations) == before:
+            raise ChatDataError(f"{file} holds no conversations")
+    return conversations
+
+
+def _lines(f, file: Path):
+    """(line number, line) of an open text file; a line that is not UTF-8 is a ChatDataError naming it."""
+    number = 0
+    while True:
+        try:
+            line = f.readline()
+        except UnicodeDecodeError as e:
+            raise ChatDataError(f"{file}:{number + 1}: not UTF-8 text ({e.reason})") from None
+        if not line:
+            return
+        number += 1
+        yield number, line
+
+
+# ---------------------------------------------------------------------- the built-in cold-start data
+OPENINGS = ("Let me work through this step by step.", "I will solve this one step at a time.",
+            "Let me think this through carefully.")
+CLOSINGS = ("So the answer is {answer}.", "That gives {answer}.", "Therefore the answer is {answer}.")
+
+
+def cold_start_conversation(problem: tasks.Problem, rng: random.Random) -> list[dict]:
+    """One built-in problem as a DeepSeek-R1 cold-start conversation: the user asks the question; the assistant's
+    reasoning is the problem's worked steps between a short opening and closing sentence, and its content is the
+    answer in the R1-Zero answer tags, which the rewards and `nanoseek eval` grade (`rewards.final_answer`)."""
+    reasoning = "\n".join([rng.choice(OPENINGS), problem.steps, rng.choice(CLOSINGS).format(answer=problem.answer)])
+    return [{"role": "user", "content": problem.question},
+            {"role": "assistant", "content": f"<answer>{problem.answer}</answer>", "reasoning_content": reasoning}]
+
+
+def cold_start_problems(n: int, seed: int = 0, split: str = "train", difficulty: int | None = 1
+                        ) -> list[tasks.Problem]:
+    """The problems of cold_start_conversations(n, seed, split, difficulty), in its order: the built-in tasks in
+    turn; split "heldout" draws only questions that the "train" split never has (tasks.split_of)."""
+    names = list(tasks.TASKS)
+    per_task = {name: tasks.generate(name, -(-n // len(names)), seed=seed, split=split, difficulty=difficulty)
+                for name in names}
+    return [per_task[names[i % len(names)]][i // len(names)] for i in range(n)]
+
+
+def cold_start_conversations(n: int, seed: int = 0, split: str = "train", difficulty: int | None = 1
+                             ) -> list[Conversation]:
+    """n cold-start conversations of the built-in tasks' problems (cold_start_problems), deterministic from the
+    arguments. difficulty None mixes the levels."""
+    rng = random.Random(f"cold-start/{seed}/{split}/{difficulty}")
+    return [Conversation(cold_start_conversation(problem, rng), f"built-in {split} #{i}")
+            for i, problem in enumerate(cold_start_problems(n, seed, split, difficulty))]
+
+
+# ---------------------------------------------------------------------- tokens and the loss mask
+def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[Sequence[dict]]
+                         ) -> list[tuple[list[int], list[bool]]]:
+    """Each conversation -> (token ids, for each id whether the assistant wrote it): the reply text of each
+    assistant turn shown as written, with its end of sentence, is True; bos, system and user text, the
+    `<｜Assistant｜>` tag and replies shown without their reasoning are False (see tokenizer.chat_pieces). The
+    pieces are encoded one by one: the mask needs no search, and the ids equal those of the whole rendering."""
+    rendered = [chat_pieces(messages, add_generation_prompt=False) for messages in conversations]
+    encoded = iter(tokenizer.encode_batch([text for pieces in rendered for text, _ in pieces]))
+    out = []
+    for pieces in rendered:
+        ids: list[int] = []
+        mask: list[bool] = []
+        for (_, learnt), piece in zip(pieces, encoded):
+            ids += piece
+            mask += [learnt] * len(piece)
+        out.append((ids, mask))
+    return out
