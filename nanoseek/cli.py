@@ -92,6 +92,17 @@ def sft(args: argparse.Namespace) -> None:
           + f"; report: {args.out_dir}/report.md, checkpoints in {args.out_dir}/checkpoints")
 
 
+def sample(args: argparse.Namespace) -> None:
+    from nanoseek.sample import SampleConfig, run_sample
+
+    s = run_sample(from_args(SampleConfig, args))
+    rejected = ", ".join(f"{reason} {n}" for reason, n in s["rejected"].items() if n) or "none"
+    print(f"kept {s['kept']} of {s['samples']} samples ({100 * s['kept_rate']:.1f}%; rejected: {rejected}); "
+          f"{s['prompts_with_a_kept_sample']} of {s['prompts']} prompts have one; wrote {s['rows_written']} "
+          f"conversations ({s['kept']} sampled, {s['instructions']} instructions, {s['copied']['conversations']} "
+          f"copied) to {args.out_dir}/data.jsonl; summary: {args.out_dir}/summary.md")
+
+
 def pipeline(args: argparse.Namespace) -> None:
     from nanoseek.pipeline import run_pipeline
 
@@ -293,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "built-in cold-start conversations), loss on the assistant's tokens only")
     sft_stage.add_options(p)
     p.set_defaults(func=sft)
+
+    from nanoseek.sample import SampleConfig
+
+    p = command(sub, "sample", "rejection sampling (DeepSeek-R1): k samples per prompt from a checkpoint, the right "
+                "and clean ones kept as chat JSONL for `nanoseek sft --data`, with a summary of the rejections")
+    add_dataclass_options(p, SampleConfig)
+    p.set_defaults(func=sample)
 
     p = command(sub, "grpo", "R1-Zero: GRPO with rule-based rewards on the built-in tasks, from a base model")
     grpo_stage.add_options(p)

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("utilities", ("nanoseek.atomic", "nanoseek.provenance", "nanoseek.options")),
     ("io", ("nanoseek.data", "nanoseek.checkpoint")),
     ("inference", ("nanoseek.infer",)),
-    ("evaluation", ("nanoseek.math_check", "nanoseek.rewards", "nanoseek.eval")),
+    ("evaluation", ("nanoseek.math_check", "nanoseek.rewards", "nanoseek.eval", "nanoseek.sample")),
     ("training", ("nanoseek.train",)),
     ("parallel", ("nanoseek.parallel",)),
     ("recipes", ("nanoseek.pipeline",)),

@@ -1,5 +1,6 @@
 """Chat data for supervised fine-tuning: conversations read from JSONL (checked line by line), the built-in
-cold-start conversations, and a conversation's token ids with the mask of the tokens the assistant wrote.
+cold-start conversations, the built-in non-reasoning instructions (with a checker of replies to them), and a
+conversation's token ids with the mask of the tokens the assistant wrote.
 
 A JSONL line is `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`; an assistant's
 reasoning is either inline, `<think>...</think>` at the start of its content, or a separate `reasoning_content`
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,4 +172,124 @@ def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[Sequence[
             ids += piece
             mask += [learnt] * len(piece)
         out.append((ids, mask))
+    return out
+
+
+# ---------------------------------------------------------------------- built-in non-reasoning instructions
+# DeepSeek-R1's SFT mix also holds non-reasoning data, and "for simpler queries, such as 'hello', we do not provide
+# a CoT in response" (the R1 paper, 2.3.3). These are such queries, of kinds the project can generate and grade
+# deterministically, each a question template, a reply and a checker of any reply to the question.
+NAMES = ("Ada", "Alan", "Grace", "Linus", "Marie", "Nikola", "Rosalind", "Emmy", "Claude", "Barbara", "Edsger",
+         "Katherine", "Srinivasa", "Sofia", "Hedy", "Tim", "Radia", "Dennis", "Frances", "John", "Margaret", "Ken",
+         "Lise", "Niels", "Chien", "Hypatia", "Leonhard", "Sophie", "Carl", "Mary")
+WORDS = ("apple", "river", "stone", "cloud", "green", "quiet", "window", "paper", "garden", "silver", "bright",
+         "table", "music", "yellow", "forest", "candle", "orange", "little", "winter", "summer", "bridge", "ocean",
+         "pencil", "rabbit", "golden", "simple", "mountain", "letter", "friend", "morning", "evening", "basket",
+         "purple", "rocket", "castle", "button", "dragon", "flower", "island", "marble")
+_ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def number_words(n: int) -> str:
+    """0 <= n < 1000 in English words: 7 -> "seven", 42 -> "forty-two", 305 -> "three hundred five"."""
+    if not 0 <= n < 1000:
+        raise ValueError(f"number_words takes 0 to 999, not {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("-" + _ONES[n % 10] if n % 10 else "")
+    return _ONES[n // 100] + " hundred" + (" " + number_words(n % 100) if n % 100 else "")
+
+
+def _plain(text: str) -> str:
+    """A reply for comparison: lower case, words only (quotes, punctuation, hyphens and extra spaces gone)."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _greeting(rng: random.Random) -> tuple[str, str]:
+    name = rng.choice(NAMES)
+    return f"Say hello to {name}.", f"Hello, {name}!"
+
+
+def _repeat(rng: random.Random) -> tuple[str, str]:
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+    return f"Repeat after me: {words}", words
+
+
+def _last_word(rng: random.Random) -> tuple[str, str]:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
+    return f"What is the last word of: {' '.join(words)}", words[-1]
+
+
+def _in_words(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 999)
+    return f"Write the number {n} in words.", number_words(n)
+
+
+def _capitals(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS)
+    return f"Write {word} in capital letters.", word.upper()
+
+
+# kind -> (make a (question, reply), the question's pattern, whether a reply is right given the pattern's match)
+INSTRUCTIONS: dict[str, tuple] = {
+    "greeting": (_greeting, re.compile(r"Say hello to ([A-Za-z]+)\."),
+                 lambda m, reply: bool(re.search(r"\bhello\b", reply, re.IGNORECASE))
+                 and re.search(rf"\b{re.escape(m[1])}\b", reply) is not None),
+    "repeat": (_repeat, re.compile(r"Repeat after me: ([a-z ]+)"),
+               lambda m, reply: _plain(reply) == _plain(m[1])),
+    "last_word": (_last_word, re.compile(r"What is the last word of: ([a-z ]+)"),
+                  lambda m, reply: _plain(reply) == m[1].split()[-1]),
+    "in_words": (_in_words, re.compile(r"Write the number (\d+) in words\."),
+                 lambda m, reply: _plain(reply).replace(" and ", " ") == _plain(number_words(int(m[1])))),
+    "capitals": (_capitals, re.compile(r"Write ([a-z]+) in capital letters\."),
+                 lambda m, reply: reply.strip().rstrip(".!").strip().strip("\"'") == m[1].upper()),
+}
+
+
+def instruction_kind(question: str) -> str | None:
+    """The kind of a built-in instruction's question (a key of INSTRUCTIONS), None when it is not one."""
+    return next((kind for kind, (_, pattern, _) in INSTRUCTIONS.items() if pattern.fullmatch(question)), None)
+
+
+def check_instruction(question: str, reply: str) -> bool:
+    """Whether `reply` (the answer, after any think block) does what the built-in instruction `question` asks:
+    greets the name ("hello" and the name, any wording around them), repeats the words (case, punctuation and
+    spacing aside), gives the last word, writes the number in words ("forty-two", "forty two", "one hundred and
+    five" all count), or writes the word in capitals. A question that is not a built-in instruction is a
+    ValueError."""
+    kind = instruction_kind(question)
+    if kind is None:
+        raise ValueError(f"not a built-in instruction: {question!r}")
+    _, pattern, check = INSTRUCTIONS[kind]
+    return isinstance(reply, str) and bool(check(pattern.fullmatch(question), reply))
+
+
+def instruction_conversations(n: int, seed: int = 0, split: str = "train") -> list[Conversation]:
+    """n built-in non-reasoning instructions ("Say hello to Ada.", "Repeat after me: ...", "What is the last word
+    of: ...", "Write the number 42 in words.", "Write apple in capital letters."), the kinds in turn,
+    deterministic from the arguments. Each reply passes check_instruction. Split "heldout" draws only questions
+    that "train" never has (tasks.split_of), for a held-out accuracy.
+
+    The reply has no chain of thought, as R1's SFT data for simple queries; it is written with an empty
+    `reasoning_content`, which the chat template renders as an empty think block, `<think>\\n\\n</think>\\n\\n` and
+    the answer (see tokenizer.chat_pieces). That is how DeepSeek-R1 itself answers such prompts, and it continues
+    the generation prompt, which always opens `<think>\\n`: a reply without the block would be trained after
+    `<｜Assistant｜>` while the model is asked after `<｜Assistant｜><think>\\n`, a context it would never have seen
+    with a direct answer."""
+    if split not in tasks.SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(tasks.SPLITS)}")
+    rng = random.Random(f"instructions/{seed}/{split}")
+    kinds = list(INSTRUCTIONS)
+    out = []
+    for i in range(n):
+        make = INSTRUCTIONS[kinds[i % len(kinds)]][0]
+        while True:
+            question, reply = make(rng)
+            if tasks.split_of(question) == split:
+                break
+        out.append(Conversation([{"role": "user", "content": question},
+                                 {"role": "assistant", "content": reply, "reasoning_content": ""}],
+                                f"built-in instruction {split} #{i}"))
     return out

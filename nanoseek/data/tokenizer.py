@@ -57,9 +57,13 @@ def split_thinking(content: str) -> tuple[str, str]:
     return "", content
 
 
-def render_assistant(reasoning: str, answer: str) -> str:
-    """An assistant turn's text between `<｜Assistant｜>` and the end of sentence, as DeepSeek-R1 writes it."""
-    return f"{THINK}\n{reasoning}\n{END_THINK}\n\n{answer}" if reasoning else answer
+def render_assistant(reasoning: str, answer: str, think_block: bool | None = None) -> str:
+    """An assistant turn's text between `<｜Assistant｜>` and the end of sentence, as DeepSeek-R1 writes it.
+    think_block: show the `<think>` block even when the reasoning is empty (`<think>\n\n</think>\n\n{answer}`,
+    how DeepSeek-R1 answers a simple prompt without a chain of thought); None: only when there is reasoning."""
+    if think_block is None:
+        think_block = bool(reasoning)
+    return f"{THINK}\n{reasoning}\n{END_THINK}\n\n{answer}" if think_block else answer
 
 
 def chat_pieces(messages: Sequence[dict], add_generation_prompt: bool = True,
@@ -70,6 +74,10 @@ def chat_pieces(messages: Sequence[dict], add_generation_prompt: bool = True,
     bos, the system prompts (joined by a blank line), then `<｜User｜>{content}` and
     `<｜Assistant｜>{reply}<｜end▁of▁sentence｜>` turns, where a reply with reasoning (a `reasoning_content` field, or
     an inline `<think>...</think>` at the start of its content) is `<think>\n{reasoning}\n</think>\n\n{answer}`.
+    A reply that has a think block with nothing in it (an empty `reasoning_content` string, or an empty inline
+    `<think>\n\n</think>`) keeps the empty block, `<think>\n\n</think>\n\n{answer}`, as DeepSeek-R1 answers a simple
+    prompt with no chain of thought; it continues the generation prompt, which opens `<think>\n`. A reply with
+    neither is the answer alone.
     As DeepSeek-R1's template, replies before the last user message show only their answer (the model never sees
     its earlier reasoning; `nanoseek chat` keeps its history that way); replies after it keep their reasoning.
     Every piece ends or starts at a special token, so encoding the pieces one by one gives the ids of the whole.
@@ -104,10 +112,12 @@ def chat_pieces(messages: Sequence[dict], add_generation_prompt: bool = True,
                 raise ValueError(f"message {i}: {e}") from None
             if inline and reasoning:
                 raise ValueError(f"message {i}: has both a reasoning_content and a {THINK} block in its content")
+            thought = reasoning is not None or END_THINK in content  # a think block, maybe an empty one
             reasoning = (reasoning or inline).strip()
-            dropped = bool(reasoning) and i < last_user
+            dropped = thought and i < last_user
             turns.append((ASSISTANT, False))
-            turns.append((render_assistant("" if dropped else reasoning, answer) + EOS, not dropped))
+            turns.append((render_assistant("" if dropped else reasoning, answer, thought and not dropped) + EOS,
+                          not dropped))
         else:
             raise ValueError(f"message {i}: unknown role {role!r} (expected 'system', 'user' or 'assistant')")
     pieces = [(BOS + "\n\n".join(system), False), *turns]
