@@ -1,7 +1,13 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+import nanoseek
 from nanoseek.config import ModelConfig, get_preset
+from nanoseek.data import tasks
+from nanoseek.data.tokenizer import Tokenizer
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -23,6 +29,25 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.15) -> None:
             tensor.copy_(0.05 * torch.randn(tensor.shape, generator=gen))
         else:
             tensor.copy_(std * torch.randn(tensor.shape, generator=gen))
+
+
+def train_tokenizer(extra_text: str = "") -> Tokenizer:
+    """A 400-token BPE of the built-in corpus (plus extra_text, so its words get tokens too)."""
+    return Tokenizer.train(list(tasks.corpus(400, seed=0)) + [extra_text] * 5, 400)
+
+
+def save_tiny_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
+    """A random `tiny` model of the tokenizer's vocabulary and the tokenizer, saved as a checkpoint directory."""
+    torch.manual_seed(0)
+    nanoseek.save_pretrained(nanoseek.DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)), path)
+    tokenizer.save(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """rows (dicts as JSON, strings as they are) one per line."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(autouse=True)

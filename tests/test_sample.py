@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from conftest import tiny_config
+from conftest import save_tiny_checkpoint, train_tokenizer, write_jsonl
 
-import nanoseek
 from nanoseek import sample as sampling
 from nanoseek.cli import main
 from nanoseek.data import tasks
@@ -25,8 +23,7 @@ from nanoseek.data.chat import (
     number_words,
     read_conversations,
 )
-from nanoseek.data.tokenizer import ASSISTANT, EOS, Tokenizer, apply_chat_template
-from nanoseek.model import DeepSeekV3
+from nanoseek.data.tokenizer import ASSISTANT, EOS, apply_chat_template
 from nanoseek.sample import (
     REASONS,
     Drawn,
@@ -43,23 +40,13 @@ from nanoseek.train.sft import SFTConfig, load_data
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = list(tasks.corpus(400, seed=0)) + ["Say hello to Ada. Repeat after me: apple river"] * 5
-    return Tokenizer.train(texts, 400)
+    return train_tokenizer("Say hello to Ada. Repeat after me: apple river")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tok):
-    """A tiny random model and its tokenizer, saved as a checkpoint directory."""
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    nanoseek.save_pretrained(DeepSeekV3(tiny_config(vocab_size=tok.vocab_size)), path)
-    tok.save(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base"), tok)
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 # ---------------------------------------------------------------------- 1. the rejection filter

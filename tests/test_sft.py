@@ -10,43 +10,35 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import save_tiny_checkpoint, tiny_config, train_tokenizer, write_jsonl
 
-import nanoseek
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.cli import main
 from nanoseek.data import tasks
-from nanoseek.data.chat import (ChatDataError, cold_start_conversations, cold_start_problems, encode_conversations,
-                                read_conversations)
-from nanoseek.data.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, apply_chat_template
+from nanoseek.data.chat import (
+    ChatDataError,
+    cold_start_conversations,
+    cold_start_problems,
+    encode_conversations,
+    read_conversations,
+)
+from nanoseek.data.tokenizer import ASSISTANT, BOS, EOS, USER, apply_chat_template
 from nanoseek.model import DeepSeekV3
 from nanoseek.rewards import Sample, accuracy_reward, final_answer, format_reward
 from nanoseek.train.loop import Trainer, TrainingError
 from nanoseek.train.metrics import read_metrics
-from nanoseek.train.sft import (SFT_TRAIN_DEFAULTS, Encoded, SFTConfig, SFTData, SFTStage, pad_batch,
-                                sft_trainer)
-
-from conftest import tiny_config
+from nanoseek.train.sft import SFT_TRAIN_DEFAULTS, Encoded, SFTConfig, SFTData, SFTStage, pad_batch, sft_trainer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = list(tasks.corpus(400, seed=0)) + ["You are terse. What is the answer? Be brief, plus, is"] * 5
-    return Tokenizer.train(texts, 400)
+    return train_tokenizer("You are terse. What is the answer? Be brief, plus, is")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tok):
-    """A tiny random model and its tokenizer, saved as a checkpoint directory."""
-    path = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    nanoseek.save_pretrained(DeepSeekV3(tiny_config(vocab_size=tok.vocab_size)), path)
-    tok.save(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base"), tok)
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 # ---------------------------------------------------------------------- 1. the loss mask
