@@ -106,7 +106,7 @@ def sample(args: argparse.Namespace) -> None:
 def pipeline(args: argparse.Namespace) -> None:
     from nanoseek.pipeline import run_pipeline
 
-    report = run_pipeline(args.out_dir, resume=args.resume, eval_problems=args.problems, seed=args.seed)
+    report = run_pipeline(args.out_dir, resume=args.resume, eval_problems=args.problems_per_task, seed=args.seed)
     before, after = report["base"]["overall"], report["r1_zero"]["overall"]
     print(f"held-out pass@1 {100 * before['pass@1']:.1f}% -> {100 * after['pass@1']:.1f}%, format rate "
           f"{100 * before['format']:.1f}% -> {100 * after['format']:.1f}%, {report['minutes']['total']:.1f} min "
@@ -192,14 +192,18 @@ def chat(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from nanoseek.eval import EvalConfig, format_table, heldout_problems
+    from nanoseek.data.problems import read_problems
+    from nanoseek.eval import EvalConfig, check_template, format_table, heldout_problems
     from nanoseek.eval import evaluate as run
 
+    # The user's problems are read (and checked) before the model is loaded.
+    problems = (read_problems(args.problems) if args.problems else
+                heldout_problems(args.problems_per_task, args.difficulty, args.seed))
     model, tokenizer = _load_for_inference(args)
+    check_template(tokenizer, args.template)
     cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                      seed=args.seed, greedy=not args.no_greedy, template=args.template)
-    report = run(model, tokenizer, heldout_problems(args.problems, args.difficulty, args.seed), cfg,
-                 max_batch=args.max_batch, progress=True)
+    report = run(model, tokenizer, problems, cfg, max_batch=args.max_batch, progress=True)
     print(format_table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -240,6 +244,15 @@ def _add_inference_options(parser: argparse.ArgumentParser, temperature: float, 
                              "length, at most 4096)")
 
 
+def problem_file(text: str) -> str:
+    """argparse `type=` of `--problems FILE`: a count, what the option took before it took files, is refused with the
+    option that now takes it."""
+    if text.strip().lstrip("+-").isdigit() and not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"takes problem files (JSONL) now, not a count ({text!r}); the number of "
+                                         "held-out problems per task is --problems-per-task")
+    return text
+
+
 def _os_error_message(e: OSError) -> str:
     """An OSError as one line that names its path (and, where a directory was needed, the file in the way)."""
     if e.filename is None:
@@ -257,7 +270,7 @@ def _os_error_message(e: OSError) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `nanoseek` parser: a subcommand per stage, each option with its help, default and choices."""
-    from nanoseek.eval import EvalConfig
+    from nanoseek.eval import PROBLEM_TEMPLATES, EvalConfig
     from nanoseek.train import grpo as grpo_stage
     from nanoseek.train import pretrain as pretrain_stage
     from nanoseek.train import sft as sft_stage
@@ -287,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "before/after report")
     p.add_argument("--out-dir", default="runs", help="one directory per stage under it; finished stages are reused")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its latest checkpoint")
-    p.add_argument("--problems", type=positive_int, default=30,
+    p.add_argument("--problems-per-task", type=positive_int, default=30,
                    help="distinct held-out problems per task in the evaluations")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of both training stages: the built-in corpus's problems (so also the tokenizer "
@@ -312,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, SampleConfig)
     p.set_defaults(func=sample)
 
-    p = command(sub, "grpo", "R1-Zero: GRPO with rule-based rewards on the built-in tasks, from a base model")
+    p = command(sub, "grpo", "R1-Zero: GRPO with rule-based rewards on the built-in tasks or your problems "
+                "(--problems), from a base model")
     grpo_stage.add_options(p)
     p.set_defaults(func=grpo)
 
@@ -329,14 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=chat)
 
     defaults = EvalConfig()
-    p = command(sub, "eval", "pass@1 over k samples, cons@k, greedy accuracy and format rate on held-out built-in "
-                "problems")
+    p = command(sub, "eval", "pass@1 over k samples, cons@k, greedy accuracy and format rate, per task, on held-out "
+                "built-in problems or your problems (--problems)")
     _add_inference_options(p, temperature=defaults.temperature, prompts=False)
     p.add_argument("--k", type=positive_int, default=defaults.k, help="samples per problem")
-    p.add_argument("--problems", type=positive_int, default=30, help="distinct held-out problems per task")
-    p.add_argument("--difficulty", type=int, default=1, choices=(1, 2, 3), help="level of the problems")
+    p.add_argument("--problems", nargs="+", type=problem_file, default=None, metavar="FILE",
+                   help="problems JSONL files or directories of them to evaluate on ({\"question\", \"answer\", "
+                        "optional \"task\"} per line; `####` or \\boxed{} answers; checked by the task's checker, else "
+                        "math-verify); none: the built-in tasks' held-out problems")
+    p.add_argument("--problems-per-task", type=positive_int, default=30,
+                   help="distinct held-out problems per built-in task (without --problems)")
+    p.add_argument("--difficulty", type=int, default=1, choices=(1, 2, 3),
+                   help="level of the built-in problems (without --problems)")
     p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
-    p.add_argument("--template", default=defaults.template, choices=("question", "chat", "r1-zero"),
+    p.add_argument("--template", default=defaults.template, choices=PROBLEM_TEMPLATES,
                    help="how a problem becomes a prompt: question (the built-in corpus's format: pretrained and "
                         "R1-Zero models), chat (DeepSeek's chat format: models fine-tuned by `nanoseek sft`), "
                         "r1-zero (the R1-Zero prompt)")

@@ -5,23 +5,35 @@ cons@k: the most frequent normalised answer among the k samples (unparseable one
 pass@k: whether any of the k samples is right (the ceiling that sharpening the sampled distribution can reach);
 greedy: one temperature-0 completion per problem. Also the format rate (R1-Zero's structure) and the mean
 completion length, per task and overall.
+
+The problems are the built-in tasks' held-out ones (`heldout_problems`), or a user's (data/problems.read_problems):
+an answer is right by the problem's built-in checker, or by math-verify for a user's problem without one
+(rewards.are_right, which checks a whole evaluation's answers concurrently). `problem_prompt` is how a problem
+becomes a prompt, for the evaluation, `nanoseek grpo` and `nanoseek sample` alike.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
 from nanoseek.data import tasks
-from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER, Tokenizer
 from nanoseek.infer.chat import encode_prompt
 from nanoseek.infer.engine import Completion, Engine, SamplingParams, StepOutput
 from nanoseek.model import DeepSeekV3
-from nanoseek.rewards import Sample, format_reward, final_answer
+from nanoseek.rewards import Sample, are_right, final_answer, format_reward
+
+# How a problem becomes a prompt (infer.chat.TEMPLATES less "raw"): "question", the built-in corpus's format
+# (pretrained and R1-Zero models); "chat", DeepSeek's chat format (models fine-tuned by `nanoseek sft`); "r1-zero",
+# the R1-Zero paper's prompt.
+PROBLEM_TEMPLATES = ("question", "chat", "r1-zero")
 
 
 @dataclass
@@ -32,21 +44,51 @@ class EvalConfig:
     max_new_tokens: int = 160
     seed: int = 0
     greedy: bool = True
-    # How a problem becomes a prompt (infer.chat.TEMPLATES): "question", the built-in corpus's format (pretrained and
-    # R1-Zero models), or "chat", DeepSeek's chat format (models fine-tuned on conversations by `nanoseek sft`).
-    template: str = "question"
+    template: str = "question"  # how a problem becomes a prompt: one of PROBLEM_TEMPLATES
 
 
-def score_problem(problem: tasks.Problem, samples: list[str]) -> dict[str, float]:
-    """One problem's k sampled completions -> pass@1, cons@k, pass@k, format rate."""
+def problem_prompt(tokenizer: Tokenizer, problem: tasks.Problem, template: str = "question") -> list[int]:
+    """The prompt's token ids of a problem: its question as the user's message in the template (one of
+    PROBLEM_TEMPLATES); how `nanoseek eval`, `nanoseek grpo` and `nanoseek sample` all ask a problem. The
+    `question` template is the built-in corpus's own start of a document (tasks.format_prompt), after bos."""
+    return encode_prompt(tokenizer, [{"role": "user", "content": problem.question}], template)
+
+
+def check_template(tokenizer: Tokenizer, template: str) -> None:
+    """Refuse a template the tokenizer cannot write: one of PROBLEM_TEMPLATES, and for `chat` the chat template's
+    special tokens (else its tags would be encoded as plain text); raises ValueError / TokenizerError."""
+    if template not in PROBLEM_TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(PROBLEM_TEMPLATES)}")
+    if template == "chat":
+        for token in (USER, ASSISTANT, THINK, END_THINK):
+            tokenizer.token_id(token)
+
+
+def vote_key(problem: tasks.Problem, answer: str | None) -> str | None:
+    """What cons@k counts an answer as, None when it does not vote: the built-in checker's canonical form (all
+    right Countdown expressions vote together); for a math-verify problem the answer's text without spaces, `$`
+    and a final period (so `\\frac{1}{2}` and `0.5` vote apart; the winner is then checked by math-verify)."""
+    if answer is None:
+        return None
+    if problem.task in tasks.TASKS:
+        return tasks.normalize_answer(problem, answer)
+    key = re.sub(r"\s+", "", answer).strip("$").rstrip(".")
+    return key or None
+
+
+def score_problem(problem: tasks.Problem, samples: list[str], correct: Sequence[bool] | None = None
+                  ) -> dict[str, float]:
+    """One problem's k sampled completions -> pass@1, cons@k, pass@k, format rate. correct: whether each sample's
+    final answer is right, when already known (evaluate checks all of an evaluation's answers at once)."""
     answers = [final_answer(s) for s in samples]
-    correct = [a is not None and tasks.check_answer(problem, a) for a in answers]
-    votes = Counter(n for a in answers if a is not None
-                    and (n := tasks.normalize_answer(problem, a)) is not None)
+    if correct is None:
+        correct = are_right([(problem, a) for a in answers])
+    keys = [vote_key(problem, a) for a in answers]
+    votes = Counter(key for key in keys if key is not None)
     majority = votes.most_common(1)[0][0] if votes else None
-    winner = next((a for a in answers if a is not None and tasks.normalize_answer(problem, a) == majority), None)
+    winner = next((i for i, key in enumerate(keys) if key is not None and key == majority), None)
     return {"pass@1": sum(correct) / len(samples),
-            "cons@k": float(winner is not None and tasks.check_answer(problem, winner)),
+            "cons@k": float(winner is not None and correct[winner]),
             "pass@k": float(any(correct)),
             "format": sum(format_reward(Sample(problem, s)) for s in samples) / len(samples)}
 
@@ -56,7 +98,7 @@ def sample_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[t
     """-> (k sampled completions per problem, problem by problem; one greedy completion per problem, or none
     when cfg.greedy is off), all stopped at </answer>. progress: a bar of completions done (and tokens/s) on
     stderr."""
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p.question}], cfg.template) for p in problems]
+    prompts = [problem_prompt(tokenizer, p, cfg.template) for p in problems]
     stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
     engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
                     tokenizer=tokenizer)
@@ -82,14 +124,16 @@ def evaluate(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Probl
              max_batch: int = 64, progress: bool = False) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
     sampled, greedy = sample_completions(model, tokenizer, problems, cfg, max_batch, progress)
+    # Every answer is checked in one batch: a user's problems' math-verify checks run concurrently.
+    asked = [problems[i // cfg.k] for i in range(len(sampled))] + list(problems[:len(greedy)])
+    right = are_right([(p, final_answer(c.text)) for p, c in zip(asked, [*sampled, *greedy])])
     rows = []
     for i, problem in enumerate(problems):
-        group = sampled[i * cfg.k:(i + 1) * cfg.k]
-        row = {"task": problem.task, **score_problem(problem, [c.text for c in group]),
-               "length": sum(len(c.tokens) for c in group) / cfg.k}
+        group = slice(i * cfg.k, (i + 1) * cfg.k)
+        row = {"task": problem.task, **score_problem(problem, [c.text for c in sampled[group]], right[group]),
+               "length": sum(len(c.tokens) for c in sampled[group]) / cfg.k}
         if greedy:
-            answer = final_answer(greedy[i].text)
-            row["greedy"] = float(answer is not None and tasks.check_answer(problem, answer))
+            row["greedy"] = float(right[len(sampled) + i])
         rows.append(row)
     metrics = [m for m in rows[0] if m != "task"]
 

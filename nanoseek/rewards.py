@@ -11,11 +11,12 @@ template and DeepSeek's chat template open it), so a well-formed completion is
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nanoseek.data import tasks
-from nanoseek.math_check import math_equal
+from nanoseek.data.problems import boxed_answer
+from nanoseek.math_check import math_equal, math_equal_many
 
 _FORMAT = re.compile(r"^\s*(?:<think>)?(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL)
 
@@ -29,37 +30,50 @@ class Sample:
     num_tokens: int = 0
 
 
-def boxed_answer(text: str) -> str | None:
-    r"""The content of the last \boxed{...}, with nested braces kept whole."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 0, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[i:j]
-            depth -= 1
-    return None
-
-
 def final_answer(completion: str) -> str | None:
     """The answer a completion commits to: its last <answer> block, else its last \\boxed{}."""
     answer = tasks.extract_answer(completion)
     return answer if answer is not None else boxed_answer(completion)
 
 
+def is_right(problem: tasks.Problem, answer: str | None) -> bool:
+    """Whether a final answer is right: the built-in task's own checker (a user's problem may name one), else
+    math-verify against the reference answer (a user's problem without a task). No answer, or a blank one, is
+    wrong."""
+    return are_right([(problem, answer)])[0]
+
+
+def are_right(pairs: Sequence[tuple[tasks.Problem, str | None]]) -> list[bool]:
+    """is_right of each (problem, answer) pair; the math-verify checks, each distinct (reference, answer) pair
+    once, run concurrently in the worker pool (math_equal_many), so a batch costs about its slowest check."""
+    verdicts = [False] * len(pairs)
+    math: dict[tuple[str, str], list[int]] = {}
+    for i, (problem, answer) in enumerate(pairs):
+        if answer is None or not answer.strip():
+            continue
+        if problem.task in tasks.TASKS:
+            verdicts[i] = tasks.check_answer(problem, answer)
+        else:
+            math.setdefault((problem.answer, answer), []).append(i)
+    checks = list(math)
+    results = [math_equal(*checks[0])] if len(checks) == 1 else math_equal_many(checks) if checks else []
+    for pair, right in zip(checks, results):
+        for i in math[pair]:
+            verdicts[i] = right
+    return verdicts
+
+
 def accuracy_reward(sample: Sample) -> float:
-    """1 when the final answer is right: the built-in task's own checker, or math-verify for math answers."""
-    answer = final_answer(sample.completion)
-    if answer is None or not answer.strip():
-        return 0.0
-    problem = sample.problem
-    if problem.task in tasks.TASKS:
-        return float(tasks.check_answer(problem, answer))
-    return float(math_equal(problem.answer, answer))
+    """1 when the final answer is right (is_right): the built-in task's own checker, or math-verify."""
+    return float(is_right(sample.problem, final_answer(sample.completion)))
+
+
+def accuracy_rewards(samples: Sequence[Sample]) -> list[float]:
+    """accuracy_reward of each sample, their math-verify checks run together (are_right)."""
+    return [float(right) for right in are_right([(s.problem, final_answer(s.completion)) for s in samples])]
+
+
+accuracy_reward.batched = accuracy_rewards  # RewardSet.score uses it for a batch
 
 
 def format_reward(sample: Sample) -> float:
@@ -115,14 +129,39 @@ class RewardSet:
     weights: dict[str, float]
 
     def __call__(self, sample: Sample) -> dict[str, float]:
-        scores = {}
-        for name, fn in self.functions.items():
-            try:
-                scores[name] = float(fn(sample))
-            except Exception:  # noqa: BLE001 - a reward must never take the run down; malformed scores 0
-                scores[name] = 0.0
-        scores["total"] = sum(self.weights.get(name, 1.0) * s for name, s in scores.items())
-        return scores
+        return self.score([sample])[0]
+
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        """Each sample's scores by name, and their weighted "total". A function with a `batched` form (a function
+        of the list of samples; the accuracy's runs its math-verify checks concurrently) scores them in one call;
+        the others one by one."""
+        columns = {name: _scores(fn, samples) for name, fn in self.functions.items()}
+        rows = []
+        for i in range(len(samples)):
+            scores = {name: column[i] for name, column in columns.items()}
+            scores["total"] = sum(self.weights.get(name, 1.0) * s for name, s in scores.items())
+            rows.append(scores)
+        return rows
+
+
+def _scores(fn: RewardFn, samples: Sequence[Sample]) -> list[float]:
+    """fn of each sample (its batched form where it has one); a reward must never take the run down: a sample
+    whose reward raises scores 0 (a batch that raises is scored one by one)."""
+    batched = getattr(fn, "batched", None)
+    if batched is not None:
+        try:
+            scores = [float(s) for s in batched(samples)]
+        except Exception:  # noqa: BLE001 - then one by one, below
+            scores = []
+        if len(scores) == len(samples):
+            return scores
+    scores = []
+    for sample in samples:
+        try:
+            scores.append(float(fn(sample)))
+        except Exception:  # noqa: BLE001 - malformed scores 0
+            scores.append(0.0)
+    return scores
 
 
 def r1_zero_rewards(format_weight: float = 1.0, max_tokens: int | None = None, overlong_buffer: int = 0

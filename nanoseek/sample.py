@@ -54,17 +54,16 @@ from nanoseek.atomic import write_text
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
 from nanoseek.config import require
 from nanoseek.data import tasks
-from nanoseek.data.chat import instruction_conversations, jsonl_files, read_conversations
-from nanoseek.data.shards import DataError
-from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER, Tokenizer
+from nanoseek.data.chat import instruction_conversations, read_conversations
+from nanoseek.data.problems import boxed_answer, read_problems
+from nanoseek.data.tokenizer import END_THINK, THINK, Tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.chat import completion_text, encode_prompt
+from nanoseek.eval import check_template, problem_prompt
+from nanoseek.infer.chat import completion_text
 from nanoseek.infer.engine import Engine, SamplingParams, StepOutput
-from nanoseek.math_check import math_equal
 from nanoseek.model import DeepSeekV3
-from nanoseek.rewards import boxed_answer, language_consistency
+from nanoseek.rewards import is_right, language_consistency
 
-MATH_TASK = "math"  # the task of a user's problem without one: math-verify checks its answers
 REASONS = ("too_long", "no_format", "wrong", "language", "repetitive", "duplicate", "over_limit")
 STOP_STRINGS = ("</answer>",)  # as `nanoseek eval`: the built-in answer format ends there
 _TAGS = (THINK, END_THINK, "<answer>", "</answer>")
@@ -72,10 +71,6 @@ _TAGS = (THINK, END_THINK, "<answer>", "</answer>")
 
 class SampleError(NanoseekError, ValueError):
     pass
-
-
-class ProblemFileError(DataError):
-    """A problems JSONL line that cannot be used; the message names its file and line."""
 
 
 @dataclass
@@ -174,13 +169,6 @@ def final_answer_of(answer: str) -> str | None:
     return boxed or None
 
 
-def is_right(problem: tasks.Problem, final: str) -> bool:
-    """Whether a final answer is right: the built-in task's checker, or math-verify for other problems."""
-    if problem.task in tasks.TASKS:
-        return tasks.check_answer(problem, final)
-    return math_equal(problem.answer, final)
-
-
 def repeated_ngram_share(text: str, n: int = 4) -> float:
     """The share of the text's word n-grams (words: whitespace-separated, lower-cased) that repeat an n-gram seen
     earlier in it: 0 for text without repeats (or fewer than n words), near 1 for a phrase looped many times."""
@@ -261,67 +249,6 @@ def builtin_problems(per_task: int, difficulty: int | None = 1, seed: int = 0,
     return problems
 
 
-def reference_answer(text: str) -> str:
-    r"""The final answer in a problem's `answer` field: after the last `####` (GSM8K; thousands commas dropped),
-    else the last `\boxed{}` (MATH solutions), else the whole text; stripped."""
-    if "####" in text:
-        return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.rsplit("####", 1)[1]).strip()
-    boxed = boxed_answer(text)
-    return (boxed if boxed is not None else text).strip()
-
-
-def read_problems(paths: Iterable[str | Path]) -> list[tasks.Problem]:
-    """The problems of JSONL files (or directories of *.jsonl): per line an object with a "question" and an
-    "answer" (a string or a number; read by reference_answer), and optionally a "task" naming a built-in
-    checker (then the checker must take the answer as right: it parses, and a countdown expression makes the
-    target); without one math-verify checks the answers. Blank lines are
-    skipped; any other bad line is a ProblemFileError naming its file and line."""
-    problems = []
-    for file in jsonl_files(paths):
-        before = len(problems)
-        try:
-            lines = file.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
-        except UnicodeDecodeError as e:
-            raise ProblemFileError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                problems.append(_problem(line, f"{file}:{number}"))
-        if len(problems) == before:
-            raise ProblemFileError(f"{file} holds no problems")
-    return problems
-
-
-def _problem(line: str, where: str) -> tasks.Problem:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ProblemFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise ProblemFileError(f"{where}: expected a JSON object with a \"question\" and an \"answer\"")
-    question, answer, task = row.get("question"), row.get("answer"), row.get("task", MATH_TASK)
-    if not isinstance(question, str) or not question.strip():
-        raise ProblemFileError(f"{where}: no \"question\" (a non-empty string) in this line")
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        answer = str(answer)
-    if not isinstance(answer, str) or not reference_answer(answer):
-        raise ProblemFileError(f"{where}: no \"answer\" (a non-empty string or a number) in this line")
-    if task != MATH_TASK and task not in tasks.TASKS:
-        raise ProblemFileError(f"{where}: unknown task {task!r}: name a built-in checker "
-                               f"({', '.join(tasks.TASKS)}), or leave it out for math-verify")
-    problem = tasks.Problem(task, question.strip(), reference_answer(answer), "", 0)
-    if task != MATH_TASK:
-        try:
-            canonical = tasks.normalize_answer(problem, problem.answer)
-        except ValueError as e:  # a countdown checker given a question that is not one
-            raise ProblemFileError(f"{where}: the {task} checker cannot read this problem: {e}") from None
-        # Unparseable, or (countdown) an expression that does not make the target, which normalises to "wrong:...":
-        # the checker would then grade every sample against a wrong reference.
-        if canonical is None or canonical.startswith("wrong:"):
-            raise ProblemFileError(f"{where}: the {task} checker does not take the answer {problem.answer!r} as "
-                                   "a right answer to this question")
-    return problem
-
-
 def prompt_problems(cfg: SampleConfig) -> list[tasks.Problem]:
     if cfg.problems:
         return read_problems(cfg.problems)
@@ -334,7 +261,7 @@ def draw(model: DeepSeekV3, tokenizer: Tokenizer, problems: Sequence[tasks.Probl
     """k samples of each problem, problem by problem, on the engine in batches of cfg.max_batch sequences: at
     most max_tokens + 1 tokens (one past the cap, so that an unfinished sample is counted too long), stopped at
     the end of sentence or `</answer>`; sample i is seeded with cfg.seed + i."""
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p.question}], cfg.template) for p in problems]
+    prompts = [problem_prompt(tokenizer, p, cfg.template) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_tokens + 1, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed, stop_ids=(tokenizer.eos_id,), stop_strings=STOP_STRINGS)
     max_len = max(map(len, prompts)) + params.max_new_tokens
@@ -362,9 +289,7 @@ def load_model(cfg: SampleConfig) -> tuple[DeepSeekV3, Tokenizer, Path]:
     if not (path / "tokenizer.json").is_file():
         raise SampleError(f"{path} has no tokenizer.json; pass a checkpoint directory that holds one")
     tokenizer = Tokenizer.load(path)
-    if cfg.template == "chat":
-        for token in (USER, ASSISTANT, THINK, END_THINK):  # else the chat template's tags would be plain text
-            tokenizer.token_id(token)
+    check_template(tokenizer, cfg.template)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return load_pretrained(path, device=device), tokenizer, path
 

@@ -246,7 +246,8 @@ def test_dataclass_options_take_their_help_from_the_field_comments(capsys):
 
 
 def test_eval_says_what_it_loaded_and_shows_progress(checkpoint, capsys):
-    assert main(["eval", "--model", str(checkpoint), "--k", "2", "--problems", "1", "--max-new-tokens", "4"]) == 0
+    assert main(["eval", "--model", str(checkpoint), "--k", "2", "--problems-per-task", "1",
+                 "--max-new-tokens", "4"]) == 0
     captured = capsys.readouterr()
     assert f"loaded {checkpoint} (0." in captured.err and "parameters" in captured.err
     assert "evaluating" in captured.err and "21/21" in captured.err  # 7 tasks x (2 samples + 1 greedy)

@@ -52,8 +52,8 @@ def test_eval_command_on_tiny_checkpoint(tmp_path, capsys):
     nanoseek.save_pretrained(DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)), tmp_path / "ckpt")
     tokenizer.save(tmp_path / "ckpt")
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--k", "2", "--problems", "2", "--max-new-tokens", "8",
-                 "--out", str(out)]) == 0
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--k", "2", "--problems-per-task", "2",
+                 "--max-new-tokens", "8", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["problems"] == 14 and report["k"] == 2
     assert set(report["overall"]) == {"pass@1", "cons@k", "pass@k", "format", "length", "greedy"}

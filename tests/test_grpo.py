@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek.data.problems import USER_TASK
 from nanoseek.data.tasks import Problem
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
@@ -108,7 +109,7 @@ def test_k3_expectation_is_the_kl_closed_form():
 
 
 ADDITION = Problem("addition", "What is 47 + 38?", "85", "...", 1)
-HALF = Problem("math", "What is 1/2 as a decimal?", "\\frac{1}{2}", "", 1)
+HALF = Problem(USER_TASK, "What is 1/2 as a decimal?", "\\frac{1}{2}", "", 1)
 REWARD_TABLE = [
     (ADDITION, "7 + 8 = 15.\n</think>\n<answer>85</answer>", 1.0, 1.0),
     (ADDITION, "<think>7 + 8 = 15.</think> <answer> 85 </answer>", 1.0, 1.0),

@@ -23,18 +23,9 @@ from nanoseek.data.chat import (
     number_words,
     read_conversations,
 )
+from nanoseek.data.problems import USER_TASK, ProblemFileError, read_problems, reference_answer
 from nanoseek.data.tokenizer import ASSISTANT, EOS, apply_chat_template
-from nanoseek.sample import (
-    REASONS,
-    Drawn,
-    ProblemFileError,
-    Rules,
-    judge,
-    read_problems,
-    reference_answer,
-    repeated_ngram_share,
-    select,
-)
+from nanoseek.sample import REASONS, Drawn, Rules, judge, repeated_ngram_share, select
 from nanoseek.train.sft import SFTConfig, load_data
 
 
@@ -103,7 +94,7 @@ def test_the_filters_thresholds_and_languages():
 
 
 def test_a_users_math_problem_is_checked_by_math_verify():
-    problem = tasks.Problem(sampling.MATH_TASK, "What is half of one?", "\\frac{1}{2}", "", 0)
+    problem = tasks.Problem(USER_TASK, "What is half of one?", "\\frac{1}{2}", "", 0)
     assert judge(problem, "Half of one is 0.5.\n</think>\n\nSo it is \\boxed{0.5}.", 20) == (True, None)
     assert judge(problem, "Half of one is 0.4.\n</think>\n\nSo it is \\boxed{0.4}.", 20) == (False, "wrong")
 
@@ -239,8 +230,8 @@ def test_user_problems_read_gsm8k_and_math_answers(tmp_path):
         {"question": "How many grams in a kilogram?", "answer": "#### 1,000"},
     ])
     problems = read_problems([path])
-    assert [(p.task, p.answer) for p in problems] == [("math", "72"), ("math", "42"), ("addition", "42"),
-                                                      ("math", "1000")]
+    assert [(p.task, p.answer) for p in problems] == [("user", "72"), ("user", "42"), ("addition", "42"),
+                                                      ("user", "1000")]
     assert reference_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}" and reference_answer(" 7 ") == "7"
 
 

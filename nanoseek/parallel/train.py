@@ -31,7 +31,7 @@ from nanoseek.model import DeepSeekV3
 from nanoseek.options import HelpFormatter, positive_int
 from nanoseek.parallel.mesh import Layout, init_parallel
 from nanoseek.parallel.trainer import ParallelTrainer
-from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOStage, ProblemStream, write_report
+from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, GRPOStage, problem_source, write_report
 from nanoseek.train.grpo import add_options as grpo_options
 from nanoseek.train.grpo import arguments as grpo_arguments
 from nanoseek.train.loop import TrainConfig, run_settings
@@ -75,17 +75,19 @@ def run_pretrain(layout: Layout, config: PretrainConfig | None = None, train: Tr
 def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, resume: bool = False,
              changes: dict[str, Any] | None = None) -> dict:
     grpo, train = run_settings("grpo", GRPOConfig, grpo, train or GRPO_TRAIN_DEFAULTS, resume, changes)
+    problems = problem_source(grpo, train.seed)  # every rank reads the user's problems, the same order
     _init_process_group(train.device)
     path = resolve_checkpoint(grpo.model)
     tokenizer = Tokenizer.load(path)
     model = load_pretrained(path)
     ctx = init_parallel(Layout(dp=dist.get_world_size()), model.config, train.device)
-    stage = GRPOStage(tokenizer, ProblemStream(train.seed, grpo.difficulty), grpo)
+    stage = GRPOStage(tokenizer, problems, grpo)
     trainer = ParallelTrainer(model, stage, train, ctx, model_files={"tokenizer.json": path / "tokenizer.json"})
     started = time.perf_counter()
     result = _fit(trainer, resume, f"GRPO, {ctx.layout.dp} data-parallel ranks")
     if trainer.is_main and result["stopped"] is None:
-        write_report(trainer.out_dir, path, result["step"], (time.perf_counter() - started) / 60, train.seed)
+        write_report(trainer.out_dir, path, result["step"], (time.perf_counter() - started) / 60, train.seed,
+                     grpo.problems)
     return result
 
 

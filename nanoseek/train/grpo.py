@@ -5,6 +5,11 @@ A = (r - mean) / (std + eps), or r - mean without the std scaling (Dr. GRPO). No
 token is the clipped surrogate -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) (separate epsilons are
 DAPO's clip-higher) plus beta times the k3 estimate of KL(policy || reference), aggregated per sequence
 (GRPO), over all tokens (DAPO), or over a constant token budget (Dr. GRPO).
+
+`nanoseek grpo` draws its prompts from the built-in tasks' training problems (ProblemStream), or from a user's
+problems JSONL (`--problems`, UserProblemStream: a seeded shuffle per epoch); a problem becomes a prompt as
+`nanoseek eval` asks it (eval.problem_prompt, `--template`), and its accuracy reward is its built-in task's checker
+or math-verify (rewards.are_right, a step's math-verify checks run concurrently).
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import torch.nn.functional as F
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
 from nanoseek.config import require
 from nanoseek.data import tasks
+from nanoseek.data.problems import problems_fingerprint, read_problems
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.eval import PROBLEM_TEMPLATES, check_template, problem_prompt
 from nanoseek.infer.engine import Completion, Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
 from nanoseek.options import add_dataclass_options, from_args
-from nanoseek.train.loop import (LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, add_resume_option,
-                                 resume_arguments, run_settings)
+from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
+                                 add_resume_option, resume_arguments, run_settings)
 from nanoseek.train.metrics import read_metrics
 from nanoseek.rewards import RewardSet, Sample, r1_zero_rewards
 
@@ -148,6 +155,11 @@ class GRPOConfig:
     """The GRPO stage's own options: its base model, rollouts, rewards and loss (the shared ones: TrainConfig)."""
 
     model: str = "runs/pretrain"  # the base model: a checkpoint directory, or a run directory (its latest one)
+    problems: tuple[str, ...] = ()  # problems JSONL files or directories of them ({"question", "answer", optional
+                                    # "task"} per line; `####` or \boxed{} answers; none: the built-in tasks)
+    template: Literal["question", "chat", "r1-zero"] = "question"  # how a problem becomes a prompt, as `nanoseek
+                                    # eval --template`: question (the built-in corpus's format), chat (DeepSeek's
+                                    # chat format: models fine-tuned by `nanoseek sft`), r1-zero (R1-Zero's prompt)
     group_size: int = 8  # G completions per prompt
     prompts_per_step: int = 16  # prompts per step (all data-parallel ranks together)
     max_new_tokens: int = 160  # the rollouts' completion length limit (the evaluation's budget)
@@ -164,6 +176,8 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):  # read back from a run's run.json
             self.loss = GRPOLossConfig(**self.loss)
+        self.problems = tuple(self.problems)
+        _need(self, self.template in PROBLEM_TEMPLATES, "template", f"must be one of {', '.join(PROBLEM_TEMPLATES)}")
         _need(self, self.group_size >= 2, "group_size", "must be >= 2: the advantage compares completions of a prompt")
         for name in ("prompts_per_step", "max_new_tokens", "mu", "update_tokens"):
             _need(self, getattr(self, name) > 0, name, "must be > 0")
@@ -190,7 +204,46 @@ class ProblemStream:
         return {"cursor": self.cursor}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "fingerprint" in state:
+            raise TrainingError("the run's checkpoint was trained on a user's problems (--problems), not on the "
+                                "built-in tasks")
         self.cursor = state["cursor"]
+
+
+class UserProblemStream:
+    """A user's problems (data/problems.read_problems), cycled in a seeded shuffle per epoch (EpochOrder); the
+    state holds the cursor, the epoch and the problems' fingerprint, so a resume continues with the very same
+    prompts, and a resume on other problems is refused."""
+
+    def __init__(self, problems: list[tasks.Problem], seed: int = 0, source: tuple[str, ...] = ()):
+        if not problems:
+            raise TrainingError("no problems to train on")
+        self.problems, self.source = list(problems), tuple(map(str, source))
+        self.order = EpochOrder(len(self.problems), seed, "grpo")
+        self.fingerprint = problems_fingerprint(self.problems)
+
+    def next_batch(self, n: int) -> list[tasks.Problem]:
+        return [self.problems[i] for i in self.order.next(n)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.order.cursor, "epoch": self.order.epoch, "problems": len(self.problems),
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            then = (f"{state['problems']} problems then" if "problems" in state else "the built-in tasks' problems "
+                    "then")
+            raise TrainingError(f"the problems of {', '.join(self.source) or 'this run'} differ from the ones the run "
+                                f"was trained on ({then}, {len(self.problems)} now, or their text changed); a resume "
+                                "needs the same problems to continue with the same prompts")
+        self.order.cursor = state["cursor"]
+
+
+def problem_source(grpo: GRPOConfig, seed: int) -> ProblemStream | UserProblemStream:
+    """The prompts of a GRPO run: the user's problems (grpo.problems, read and checked now) or the built-in tasks'."""
+    if grpo.problems:
+        return UserProblemStream(read_problems(grpo.problems), seed, grpo.problems)
+    return ProblemStream(seed, grpo.difficulty)
 
 
 class GRPOStage:
@@ -204,7 +257,7 @@ class GRPOStage:
     name = "grpo"
     flops_per_token = None
 
-    def __init__(self, tokenizer: Tokenizer, problems: ProblemStream, cfg: GRPOConfig,
+    def __init__(self, tokenizer: Tokenizer, problems: ProblemStream | UserProblemStream, cfg: GRPOConfig,
                  rewards: RewardSet | None = None):
         self.cfg, self.tokenizer, self.problems = cfg, tokenizer, problems
         self.rewards = rewards or r1_zero_rewards(format_weight=cfg.format_weight)
@@ -220,8 +273,13 @@ class GRPOStage:
         if g.prompts_per_step % trainer.dp_size:
             raise TrainingError(f"prompts_per_step {g.prompts_per_step} does not split into {trainer.dp_size} "
                                 "data-parallel ranks; make it a multiple of the number of ranks")
+        check_template(self.tokenizer, g.template)
+        longest = 512  # prompt tokens: the built-in problems' are far shorter; a user's may be longer
+        if isinstance(self.problems, UserProblemStream):
+            longest = max(longest, *(len(problem_prompt(self.tokenizer, p, g.template))
+                                     for p in self.problems.problems))
         self.engine = Engine(trainer.model, max_batch=g.prompts_per_step // trainer.dp_size * g.group_size,
-                             max_len=512 + g.max_new_tokens, tokenizer=self.tokenizer)
+                             max_len=longest + g.max_new_tokens, tokenizer=self.tokenizer)
         if g.loss.beta:
             self.reference = copy.deepcopy(trainer.model).eval().requires_grad_(False)
 
@@ -234,16 +292,15 @@ class GRPOStage:
         share = g.prompts_per_step // trainer.dp_size
         first = trainer.dp_rank * share  # this rank's prompts: [first, first + share)
         mine = problems[first:first + share]
-        prompts = [tok.encode(tasks.format_prompt(p), bos=True) for p in mine]
+        prompts = [problem_prompt(tok, p, g.template) for p in mine]
         outs = self.engine.generate([p for p in prompts for _ in range(g.group_size)], SamplingParams(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=(tok.eos_id,),
             stop_strings=("</answer>",) if g.stop_at_answer else (),
             seed=trainer.cfg.seed * 1_000_003 + trainer.step * 10_007 + first * g.group_size))
         generated = time.perf_counter()
-        scores = []
-        for i, out in enumerate(outs):
-            text = tok.decode([t for t in out.tokens if t != tok.eos_id])
-            scores.append(self.rewards(Sample(mine[i // g.group_size], text, len(out.tokens))))
+        texts = [tok.decode([t for t in out.tokens if t != tok.eos_id]) for out in outs]
+        scores = self.rewards.score([Sample(mine[i // g.group_size], text, len(out.tokens))
+                                     for i, (text, out) in enumerate(zip(texts, outs))])
         rewards = torch.tensor([s["total"] for s in scores]).view(share, g.group_size)
         advantages = group_advantages(rewards, g.loss.scale_std, g.loss.std_eps).flatten()
         keep = informative_groups(rewards) if g.drop_uninformative else torch.ones(share, dtype=torch.bool)
@@ -339,9 +396,11 @@ def arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def grpo_trainer(model: DeepSeekV3, tokenizer: Tokenizer, train: TrainConfig, grpo: GRPOConfig,
-                 rewards: RewardSet | None = None, model_files: dict[str, Path] | None = None) -> Trainer:
-    """The shared Trainer with the GRPO stage on the built-in tasks' training problems."""
-    stage = GRPOStage(tokenizer, ProblemStream(train.seed, grpo.difficulty), grpo, rewards)
+                 rewards: RewardSet | None = None, model_files: dict[str, Path] | None = None,
+                 problems: ProblemStream | UserProblemStream | None = None) -> Trainer:
+    """The shared Trainer with the GRPO stage on its problems (default: problem_source's, from grpo and the seed)."""
+    problems = problems if problems is not None else problem_source(grpo, train.seed)
+    stage = GRPOStage(tokenizer, problems, grpo, rewards)
     return Trainer(model, stage, train, model_files=model_files)
 
 
@@ -355,32 +414,37 @@ def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, r
     grpo, train = run_settings("grpo", GRPOConfig, grpo, train if resume else train or GRPO_TRAIN_DEFAULTS, resume,
                                changes)
     out = Path(train.out_dir)
+    problems = problem_source(grpo, train.seed)  # a user's problems are checked before the model is loaded
     path = resolve_checkpoint(grpo.model)
     tokenizer = Tokenizer.load(path)
     trainer = grpo_trainer(load_pretrained(path), tokenizer, train, grpo,
-                           model_files={"tokenizer.json": path / "tokenizer.json"})
+                           model_files={"tokenizer.json": path / "tokenizer.json"}, problems=problems)
     if resume:
         trainer.resume()
     started = time.perf_counter()
     result = trainer.fit(progress=progress)
     if result["stopped"] is None:
-        write_report(out, path, result["step"], (time.perf_counter() - started) / 60, train.seed)
+        write_report(out, path, result["step"], (time.perf_counter() - started) / 60, train.seed, grpo.problems)
     return result
 
 
-def write_report(out: Path, base: Path, steps: int, minutes: float, seed: int) -> dict[str, Any]:
+def write_report(out: Path, base: Path, steps: int, minutes: float, seed: int, problems: tuple[str, ...] = ()
+                 ) -> dict[str, Any]:
     """report.json and report.md of a finished GRPO run: the last 10 steps' means, and the plots."""
     last = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"][-10:]
     summary = {k: _mean(r[k] for r in last) for k in ("reward", "accuracy", "format_rate", "length_mean")}
-    report = {"base_model": str(base), "steps": steps, "seed": seed, "minutes_this_run": minutes,
+    source = ", ".join(map(str, problems)) or "the built-in tasks' training problems"
+    report = {"base_model": str(base), "steps": steps, "seed": seed, "problems": source, "minutes_this_run": minutes,
               "last_10_steps": summary}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    evaluate = (f"Accuracy: `nanoseek eval --model {out} --problems HELDOUT.jsonl` (a file of problems it did not "
+                "train on)." if problems else f"Held-out accuracy: `nanoseek eval --model {out}`.")
     (out / "report.md").write_text(f"""# GRPO report
 
-R1-Zero from `{base}`, {steps} steps (seed {seed}), {minutes:.1f} minutes in this run.
+R1-Zero from `{base}` on {source}, {steps} steps (seed {seed}), {minutes:.1f} minutes in this run.
 Means over the last 10 steps: reward {summary['reward']:.3f}, accuracy {100 * summary['accuracy']:.1f}%,
 format {100 * summary['format_rate']:.1f}%, completion length {summary['length_mean']:.1f} tokens.
-Held-out accuracy: `nanoseek eval --model {out}`.
+{evaluate}
 
 ![reward](plots/reward.png)
 ![completion length](plots/length.png)

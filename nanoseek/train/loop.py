@@ -47,6 +47,36 @@ class TrainingError(NanoseekError, RuntimeError):
     pass
 
 
+class EpochOrder:
+    """The order a stage reads n items of its data in (SFT's conversations, GRPO's user problems): a seeded shuffle
+    per epoch, read on from a cursor (items served), so a resumed run draws the very same batches. A batch may span
+    two epochs. `salt` tells the stages' orders apart."""
+
+    def __init__(self, n: int, seed: int, salt: str):
+        self.n, self.seed, self.salt, self.cursor = n, seed, salt, 0
+        self._epoch, self._perm = -1, []
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next item is of (0 first)."""
+        return self.cursor // self.n
+
+    def permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._perm = list(range(self.n))
+            random.Random(f"{self.salt}/{self.seed}/{epoch}").shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            epoch, position = divmod(self.cursor, self.n)
+            out.append(self.permutation(epoch)[position])
+            self.cursor += 1
+        return out
+
+
 @dataclass
 class LossTerms:
     """One micro-batch's part of the step, as a stage computes it."""

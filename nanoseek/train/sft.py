@@ -53,8 +53,8 @@ from nanoseek.model.losses import IGNORE_INDEX
 from nanoseek.model.params import flops_per_token
 from nanoseek.options import add_dataclass_options, from_args
 from nanoseek.train.grpo import length_buckets
-from nanoseek.train.loop import (LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, add_resume_option,
-                                 resume_arguments, run_settings)
+from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
+                                 add_resume_option, resume_arguments, run_settings)
 from nanoseek.train.metrics import plot_run, read_metrics
 
 
@@ -141,30 +141,6 @@ class SFTBatch(NamedTuple):
     share: float  # its assistant tokens / the step's
 
 
-class ConversationOrder:
-    """The training conversations' order: a seeded shuffle per epoch, read on from a cursor (conversations
-    served), so a resumed run draws the very same batches. A step may span two epochs."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.cursor = n, seed, 0
-        self._epoch, self._perm = -1, []
-
-    def permutation(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            self._perm = list(range(self.n))
-            random.Random(f"sft/{self.seed}/{epoch}").shuffle(self._perm)
-            self._epoch = epoch
-        return self._perm
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        for _ in range(k):
-            epoch, position = divmod(self.cursor, self.n)
-            out.append(self.permutation(epoch)[position])
-            self.cursor += 1
-        return out
-
-
 def fingerprint(rows: list[Encoded]) -> str:
     """A digest of the training set's tokens and masks: a resume checks that its data is the run's."""
     digest = hashlib.sha256()
@@ -185,7 +161,7 @@ class SFTStage:
         if not train:
             raise SFTError("no training conversations")
         self.train_rows, self.heldout_rows, self.cfg, self.pad_id = train, heldout, cfg, pad_id
-        self.order = ConversationOrder(len(train), seed)
+        self.order = EpochOrder(len(train), seed, "sft")
         self.fingerprint = fingerprint(train)
         mean_len = sum(len(r.ids) for r in train) / len(train)
         self.flops_per_token = flops_per_token(model_config, max(1, round(mean_len)))
