@@ -63,10 +63,10 @@ def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_proble
     data = replace(data or PretrainConfig(), eval_problems=0)
     grpo = replace(grpo or GRPOConfig(), model=str(base))
     stage("pretrain", base / "report.json",
-          lambda: _finished(pretrain(data, pretrain_train, resume=resume, progress=progress)))
+          lambda: _finished(pretrain(data, pretrain_train, resume=_continues(resume, base), progress=progress)))
     stage("evaluate base", out / "eval-base.json", lambda: evaluation(base, out / "eval-base.json"))
     stage("R1-Zero", rl / "report.json",
-          lambda: _finished(run_grpo(grpo, grpo_train, resume=resume, progress=progress)))
+          lambda: _finished(run_grpo(grpo, grpo_train, resume=_continues(resume, rl), progress=progress)))
     stage("evaluate R1-Zero", out / "eval-grpo.json", lambda: evaluation(rl, out / "eval-grpo.json"))
 
     before = json.loads((out / "eval-base.json").read_text())
@@ -98,6 +98,12 @@ def _check_seed(out: Path, seed: int, settings_files: tuple[Path, ...]) -> None:
             if saved != seed:
                 raise SeedMismatch(f"{out} holds a pipeline run of seed {saved} ({path}), not {seed}: continue it "
                                    f"with --seed {saved}, or run seed {seed} in another --out-dir")
+
+
+def _continues(resume: bool, stage_dir: Path) -> bool:
+    """Whether a stage resumes: asked to, and it saved a checkpoint (a pipeline stopped before a stage's first
+    checkpoint, say during an evaluation, starts that stage afresh on --resume)."""
+    return resume and (stage_dir / "checkpoints" / "latest").exists()
 
 
 def _stage_seed(stage_dir: Path) -> int:

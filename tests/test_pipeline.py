@@ -3,6 +3,7 @@ bench/pipeline_seeds.py's summary over seeds."""
 
 import importlib.util
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +61,17 @@ def test_an_interrupted_stage_needs_resume_and_then_continues(tmp_path):
         run_pipeline(tmp_path, resume=True, seed=1, **TINY)
     report = run_pipeline(tmp_path, resume=True, **TINY)
     assert (tmp_path / "grpo" / "report.json").is_file() and report["r1_zero"]["problems"] == 7
+
+
+def test_resume_starts_a_stage_that_never_saved(tmp_path):
+    """Stopped after pretraining, before R1-Zero's first checkpoint (during the base evaluation, say): --resume
+    reuses the base and starts R1-Zero."""
+    run_pipeline(tmp_path, **TINY)
+    shutil.rmtree(tmp_path / "grpo")
+    for name in ("eval-base.json", "eval-grpo.json"):
+        (tmp_path / name).unlink()
+    report = run_pipeline(tmp_path, resume=True, **TINY)
+    assert (tmp_path / "grpo" / "report.json").is_file() and report["base"]["problems"] == 7
 
 
 @pytest.fixture(scope="module")
