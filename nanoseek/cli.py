@@ -92,6 +92,25 @@ def sft(args: argparse.Namespace) -> None:
           + f"; report: {args.out_dir}/report.md, checkpoints in {args.out_dir}/checkpoints")
 
 
+def rm(args: argparse.Namespace) -> None:
+    from nanoseek.train.reward_model import arguments, run_rm
+
+    result = run_rm(**arguments(args))
+    if result.get("stopped") is not None:
+        print(f"stopped at step {result['step']}; resume with: nanoseek rm --resume --out-dir {args.out_dir}")
+        return
+    heldout = result["heldout"]
+    if heldout is not None:
+        after = heldout["after"]
+        kinds = ", ".join(f"{kind} {100 * a:.0f}%" for kind, a in after["per_kind"].items())
+        accuracy = (f"; held-out pairwise accuracy {100 * heldout['before']['accuracy']:.0f}% -> "
+                    f"{100 * after['accuracy']:.0f}%" + (f" ({kinds})" if kinds else ""))
+    else:
+        accuracy = "; no held-out pairs"
+    print(f"finished {result['steps']} steps in {result['minutes_this_run']:.1f} min{accuracy}; report: "
+          f"{args.out_dir}/report.md, reward model in {result['checkpoint']}")
+
+
 def sample(args: argparse.Namespace) -> None:
     from nanoseek.sample import SampleConfig, run_sample
 
@@ -273,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanoseek.eval import PROBLEM_TEMPLATES, EvalConfig
     from nanoseek.train import grpo as grpo_stage
     from nanoseek.train import pretrain as pretrain_stage
+    from nanoseek.train import reward_model as rm_stage
     from nanoseek.train import sft as sft_stage
 
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 + R1 in one PyTorch package",
@@ -317,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "built-in cold-start conversations), loss on the assistant's tokens only")
     sft_stage.add_options(p)
     p.set_defaults(func=sft)
+
+    p = command(sub, "rm", "train a reward model on preference pairs (DeepSeek-R1's helpfulness reward model: a "
+                "scalar head on the model, Bradley-Terry loss; no data: built-in pairs), reporting held-out "
+                "pairwise accuracy")
+    rm_stage.add_options(p)
+    p.set_defaults(func=rm)
 
     from nanoseek.sample import SampleConfig
 

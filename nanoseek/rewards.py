@@ -1,7 +1,10 @@
-"""Rule-based rewards of DeepSeek-R1(-Zero): accuracy, format, language consistency, and overlong shaping.
+"""Rule-based rewards of DeepSeek-R1(-Zero): accuracy, format, language consistency, and overlong shaping; and
+R1's helpfulness reward of a trained reward model, for all-scenario RL's general prompts.
 
 Each reward is a plain function of the completion text (and the problem) returning a float; `RewardSet`
-composes them with weights. A malformed completion scores 0 and never raises.
+composes them with weights. A malformed completion scores 0 and never raises. `RewardRouter` scores each sample
+with the RewardSet of its prompt's source: a reasoning problem (tasks.Problem) with the rule rewards, a general
+prompt (GeneralPrompt) with the reward model's.
 
 Completions are the text after the prompt. Prompts end inside `<think>` (both the built-in `question`
 template and DeepSeek's chat template open it), so a well-formed completion is
@@ -13,19 +16,46 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar, Protocol
 
 from nanoseek.data import tasks
+from nanoseek.data.preferences import final_summary
 from nanoseek.data.problems import boxed_answer
 from nanoseek.math_check import math_equal, math_equal_many
 
 _FORMAT = re.compile(r"^\s*(?:<think>)?(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL)
 
 
+REASONING, GENERAL = "reasoning", "general"  # the sources of prompts: verifiable problems, general prompts
+
+
+@dataclass(frozen=True)
+class GeneralPrompt:
+    """A general prompt of R1's all-scenario RL: a conversation ending with the user's turn, without a reference
+    answer; a reward model judges the replies to it (reward_model_reward)."""
+
+    messages: tuple[dict, ...]
+    where: str = ""  # where it came from: "path/to/file.jsonl:3", or "built-in instruction train #3"
+    task: ClassVar[str] = GENERAL  # what a per-task log calls it
+
+    @property
+    def question(self) -> str:
+        """The user's last message."""
+        return self.messages[-1]["content"]
+
+
+def prompt_source(problem: tasks.Problem | GeneralPrompt) -> str:
+    """GENERAL for a general prompt, REASONING for a verifiable problem."""
+    return GENERAL if isinstance(problem, GeneralPrompt) else REASONING
+
+
 @dataclass(frozen=True)
 class Sample:
-    """What a reward sees: the problem (task + reference answer) and the completion's text and length."""
+    """What a reward sees: the problem (task + reference answer) or general prompt, and the completion's text and
+    length."""
 
-    problem: tasks.Problem
+    problem: tasks.Problem | GeneralPrompt
     completion: str
     num_tokens: int = 0
 
@@ -107,7 +137,9 @@ def language_consistency(text: str, language: str = "en") -> float:
 
 
 def language_reward(sample: Sample, language: str = "en") -> float:
-    think = sample.completion.split("</think>")[0]
+    """language_consistency of the chain of thought: the completion's text before `</think>` (all of it when it
+    never closes the block), an opening `<think>` tag aside."""
+    think = sample.completion.split("</think>")[0].strip().removeprefix("<think>")
     return language_consistency(think, language)
 
 
@@ -164,12 +196,61 @@ def _scores(fn: RewardFn, samples: Sequence[Sample]) -> list[float]:
     return scores
 
 
-def r1_zero_rewards(format_weight: float = 1.0, max_tokens: int | None = None, overlong_buffer: int = 0
-                    ) -> RewardSet:
-    """Accuracy + format as in R1-Zero; optionally the overlong shaping."""
+@dataclass
+class RewardRouter:
+    """Rewards chosen per sample by its prompt's source (prompt_source), as R1's all-scenario RL: each source's
+    RewardSet scores only the samples of that source (in one call, so batched forms still batch)."""
+
+    sets: dict[str, RewardSet]
+
+    def score(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        """Each sample's scores by name and their "total", from its own source's RewardSet only."""
+        by_source: dict[str, list[int]] = {}
+        for i, sample in enumerate(samples):
+            by_source.setdefault(prompt_source(sample.problem), []).append(i)
+        rows: list[dict[str, float]] = [{} for _ in samples]
+        for source, indices in by_source.items():
+            if source not in self.sets:
+                raise ValueError(f"no rewards for {source} prompts (the rewards score {', '.join(self.sets)} ones)")
+            for i, row in zip(indices, self.sets[source].score([samples[i] for i in indices]), strict=True):
+                rows[i] = row
+        return rows
+
+
+def r1_zero_rewards(format_weight: float = 1.0, max_tokens: int | None = None, overlong_buffer: int = 0,
+                    language_weight: float = 0.0, language: str = "en") -> RewardSet:
+    """Accuracy + format as in R1-Zero; optionally R1's language consistency (language_weight > 0: the share of the
+    reasoning's words in `language`) and the overlong shaping."""
     functions: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
     weights = {"accuracy": 1.0, "format": format_weight}
+    if language_weight:
+        functions["language"] = partial(language_reward, language=language)
+        weights["language"] = language_weight
     if max_tokens and overlong_buffer:
         functions["overlong"] = lambda s: overlong_penalty(s.num_tokens, max_tokens, overlong_buffer)
         weights["overlong"] = 1.0
     return RewardSet(functions, weights)
+
+
+class Scorer(Protocol):
+    """What reward_model_reward needs of a reward model (train/reward_model.load_reward_model's RewardModel)."""
+
+    def score(self, prompts: Sequence[str | list[dict]], responses: Sequence[str]) -> list[float]: ...
+
+
+def reward_model_reward(model: Scorer) -> RewardFn:
+    """DeepSeek-R1's helpfulness reward: a trained reward model's score (`nanoseek rm`) of the completion's final
+    summary, the text after `</think>` (the whole completion when it has none): the reasoning is never judged.
+    The prompt is a general prompt's conversation, or a problem's question. Its `batched` form scores a batch in one
+    call of model.score."""
+
+    def batched(samples: Sequence[Sample]) -> list[float]:
+        prompts = [list(s.problem.messages) if isinstance(s.problem, GeneralPrompt) else s.problem.question
+                   for s in samples]
+        return model.score(prompts, [final_summary(s.completion) for s in samples])
+
+    def reward(sample: Sample) -> float:
+        return batched([sample])[0]
+
+    reward.batched = batched
+    return reward

@@ -11,8 +11,9 @@ from nanoseek.data.tasks import Problem
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
 from nanoseek.config import ConfigError
+from nanoseek.train.loop import length_buckets
 from nanoseek.train.grpo import (GRPOConfig, GRPOLossConfig, completion_logprobs, group_advantages,
-                                 informative_groups, k3_kl, length_buckets, policy_loss)
+                                 informative_groups, k3_kl, policy_loss)
 from nanoseek.rewards import (RewardSet, Sample, accuracy_reward, boxed_answer, format_reward,
                                     language_consistency, overlong_penalty, r1_zero_rewards)
 

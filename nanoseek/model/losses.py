@@ -5,11 +5,14 @@ but runs over the tokens in chunks: each chunk's logits (chunk, V) live only whi
 gradients for h and W are computed, in the forward pass. The backward pass only scales the stored gradients,
 so the head costs the same three GEMMs as the plain path while its memory drops from (tokens, V) logits (plus
 their float32 copy and softmax) to one chunk's, and the loss accumulates in float32.
+
+bradley_terry_loss is the reward model's pairwise loss (`nanoseek rm`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MiB in float32): 2048 tokens at a 32768 vocabulary
@@ -94,3 +97,12 @@ def mtp_linear_cross_entropy(mtp_hidden: list[torch.Tensor], weight: torch.Tenso
     losses = [linear_cross_entropy(h, weight, targets[:, k:], chunk_size=chunk_size)
               for k, h in enumerate(mtp_hidden, start=1)]
     return torch.stack(losses).mean()
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """The reward model's pairwise loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected), the mean over pairs.
+
+    chosen, rejected (P,): the rewards of each pair's preferred and rejected response. In float32 (or wider).
+    """
+    acc = torch.promote_types(chosen.dtype, torch.float32)
+    return -F.logsigmoid(chosen.to(acc) - rejected.to(acc)).mean()

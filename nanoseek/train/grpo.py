@@ -9,15 +9,23 @@ DAPO's clip-higher) plus beta times the k3 estimate of KL(policy || reference), 
 `nanoseek grpo` draws its prompts from the built-in tasks' training problems (ProblemStream), or from a user's
 problems JSONL (`--problems`, UserProblemStream: a seeded shuffle per epoch); a problem becomes a prompt as
 `nanoseek eval` asks it (eval.problem_prompt, `--template`), and its accuracy reward is its built-in task's checker
-or math-verify (rewards.are_right, a step's math-verify checks run concurrently).
+or math-verify (rewards.are_right, a step's math-verify checks run concurrently). `--language-weight` adds R1's
+language-consistency reward to accuracy and format.
+
+R1's all-scenario RL (`--general-share`, `--reward-model`): a share of each step's prompts are general prompts
+(`--general-prompts` JSONL, or the built-in non-reasoning instructions; GeneralPromptStream), asked in the chat
+template and scored only by a reward model of `nanoseek rm` on the text after `</think>`; the reasoning problems keep
+only the rule rewards (MixedPromptStream draws both, rewards.RewardRouter scores each sample by its source).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,18 +37,22 @@ import torch.nn.functional as F
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
 from nanoseek.config import require
 from nanoseek.data import tasks
+from nanoseek.data.chat import ChatDataError, _lines, instruction_conversations, jsonl_files
 from nanoseek.data.problems import problems_fingerprint, read_problems
-from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.data.tokenizer import Tokenizer, chat_pieces
 from nanoseek.eval import PROBLEM_TEMPLATES, check_template, problem_prompt
+from nanoseek.infer.chat import encode_prompt
 from nanoseek.infer.engine import Completion, Engine, SamplingParams
 from nanoseek.model import DeepSeekV3
 from nanoseek.options import add_dataclass_options, from_args
 from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
-                                 add_resume_option, resume_arguments, run_settings)
+                                 add_resume_option, length_buckets, pick_device, resume_arguments, run_settings)
 from nanoseek.train.metrics import read_metrics
-from nanoseek.rewards import RewardSet, Sample, r1_zero_rewards
+from nanoseek.rewards import (GENERAL, REASONING, GeneralPrompt, RewardRouter, RewardSet, Sample, Scorer,
+                              prompt_source, r1_zero_rewards, reward_model_reward)
 
 AGGREGATIONS = ("sequence", "token", "constant")
+LANGUAGES = ("en", "zh")
 
 
 @dataclass
@@ -117,19 +129,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, stats
 
 
-def length_buckets(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices into `lengths`, shortest first, cut into micro-batches whose padded size (rows x longest)
-    stays within max_tokens (a longer sequence gets a micro-batch of its own): sorting first keeps the
-    padding, which costs as much compute as real tokens, small."""
-    buckets: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if buckets and (len(buckets[-1]) + 1) * lengths[i] <= max_tokens:
-            buckets[-1].append(i)
-        else:
-            buckets.append([i])
-    return buckets
-
-
 def completion_logprobs(model: DeepSeekV3, sequences: torch.Tensor, prompt_lens: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sequences (B, S) = prompt + completion, right-padded; prompt_lens (B,).
@@ -168,6 +167,16 @@ class GRPOConfig:
     mu: int = 1  # policy updates per batch of rollouts (> 1 makes the ratio against the sampler matter)
     drop_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage)
     format_weight: float = 0.2  # the base model already writes the format; accuracy is what is to be learned
+    language_weight: float = 0.0  # R1's language-consistency reward weight (the share of the reasoning's words in
+                                  # --language, summed with accuracy); 0 = off
+    language: Literal["en", "zh"] = "en"  # the target language of the reasoning, for --language-weight
+    reward_model: str = ""  # a reward model of `nanoseek rm` (its run or a checkpoint) scoring the general prompts'
+                            # replies on their text after </think>; empty = none
+    general_share: float = 0.0  # share of each step's prompts that are general prompts scored by --reward-model
+                                # (R1's all-scenario RL); the rest are reasoning problems scored by the rule rewards
+    general_prompts: tuple[str, ...] = ()  # general prompts JSONL files or directories ({"prompt": ...} or
+                                           # {"messages": [...]} per line; none: the built-in non-reasoning
+                                           # instructions)
     difficulty: int | None = 1  # the level of the training problems (the evaluation's); None: the corpus's mix
     update_tokens: int = 4096  # padded tokens per forward/backward of the update (micro-batches of similar length)
     stop_at_answer: bool = True  # rollouts end at </answer> as the evaluation's do (else only at eos or the limit)
@@ -176,7 +185,7 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):  # read back from a run's run.json
             self.loss = GRPOLossConfig(**self.loss)
-        self.problems = tuple(self.problems)
+        self.problems, self.general_prompts = tuple(self.problems), tuple(self.general_prompts)
         _need(self, self.template in PROBLEM_TEMPLATES, "template", f"must be one of {', '.join(PROBLEM_TEMPLATES)}")
         _need(self, self.group_size >= 2, "group_size", "must be >= 2: the advantage compares completions of a prompt")
         for name in ("prompts_per_step", "max_new_tokens", "mu", "update_tokens"):
@@ -185,6 +194,21 @@ class GRPOConfig:
         _need(self, 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _need(self, self.format_weight >= 0, "format_weight", "must be >= 0")
         _need(self, self.difficulty in (None, 1, 2, 3), "difficulty", "must be 1, 2, 3 or None (the corpus's mix)")
+        _need(self, self.language_weight >= 0, "language_weight", "must be >= 0 (0: off)")
+        _need(self, self.language in LANGUAGES, "language", f"must be one of {', '.join(LANGUAGES)}")
+        _need(self, 0 <= self.general_share < 1, "general_share", "must be in [0, 1): the rest of a step's prompts "
+              "are reasoning problems")
+        if self.general_share:
+            _need(self, bool(self.reward_model), "general_share", "needs a reward model to score the general "
+                  "prompts: pass --reward-model (a `nanoseek rm` run or checkpoint) with --general-share")
+            general = round(self.general_share * self.prompts_per_step)
+            _need(self, 0 < general < self.prompts_per_step, "general_share", f"gives {general} general prompts of "
+                  f"the {self.prompts_per_step} per step (--prompts-per-step); a step needs at least one general "
+                  "and one reasoning prompt")
+        else:
+            _need(self, not self.reward_model, "reward_model", "scores only general prompts: pass --general-share "
+                  "> 0 too")
+            _need(self, not self.general_prompts, "general_prompts", "are drawn only with --general-share > 0")
 
 
 class ProblemStream:
@@ -215,12 +239,15 @@ class UserProblemStream:
     state holds the cursor, the epoch and the problems' fingerprint, so a resume continues with the very same
     prompts, and a resume on other problems is refused."""
 
-    def __init__(self, problems: list[tasks.Problem], seed: int = 0, source: tuple[str, ...] = ()):
+    kind, salt = "problems", "grpo"  # what the messages call the items; the order's salt
+    fingerprint_of = staticmethod(problems_fingerprint)
+
+    def __init__(self, problems: Sequence[tasks.Problem], seed: int = 0, source: tuple[str, ...] = ()):
         if not problems:
-            raise TrainingError("no problems to train on")
+            raise TrainingError(f"no {self.kind} to train on")
         self.problems, self.source = list(problems), tuple(map(str, source))
-        self.order = EpochOrder(len(self.problems), seed, "grpo")
-        self.fingerprint = problems_fingerprint(self.problems)
+        self.order = EpochOrder(len(self.problems), seed, self.salt)
+        self.fingerprint = self.fingerprint_of(self.problems)
 
     def next_batch(self, n: int) -> list[tasks.Problem]:
         return [self.problems[i] for i in self.order.next(n)]
@@ -231,19 +258,138 @@ class UserProblemStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") != self.fingerprint:
-            then = (f"{state['problems']} problems then" if "problems" in state else "the built-in tasks' problems "
-                    "then")
-            raise TrainingError(f"the problems of {', '.join(self.source) or 'this run'} differ from the ones the run "
-                                f"was trained on ({then}, {len(self.problems)} now, or their text changed); a resume "
-                                "needs the same problems to continue with the same prompts")
+            then = (f"{state['problems']} {self.kind} then" if "problems" in state else "the built-in tasks' "
+                    "problems then")
+            raise TrainingError(f"the {self.kind} of {', '.join(self.source) or 'this run'} differ from the ones the "
+                                f"run was trained on ({then}, {len(self.problems)} now, or their text changed); a "
+                                f"resume needs the same {self.kind} to continue with the same prompts")
         self.order.cursor = state["cursor"]
 
 
-def problem_source(grpo: GRPOConfig, seed: int) -> ProblemStream | UserProblemStream:
-    """The prompts of a GRPO run: the user's problems (grpo.problems, read and checked now) or the built-in tasks'."""
+def general_prompts_fingerprint(prompts: Iterable[GeneralPrompt]) -> str:
+    """A digest of the general prompts' messages, in order."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps(prompt.messages, ensure_ascii=False, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+class GeneralPromptStream(UserProblemStream):
+    """General prompts, cycled as a user's problems are (their own seeded order), their position and fingerprint
+    in the state."""
+
+    kind, salt = "general prompts", "grpo-general"
+    fingerprint_of = staticmethod(general_prompts_fingerprint)
+
+
+class MixedPromptStream:
+    """All-scenario RL's prompts: of each batch of n, round(share * n) general prompts, spread evenly over it, and
+    reasoning problems in the other places; the state holds both streams' positions."""
+
+    def __init__(self, reasoning: ProblemStream | UserProblemStream, general: GeneralPromptStream, share: float):
+        self.reasoning, self.general, self.share = reasoning, general, share
+
+    def next_batch(self, n: int) -> list[tasks.Problem | GeneralPrompt]:
+        k = round(self.share * n)
+        general, reasoning = iter(self.general.next_batch(k)), iter(self.reasoning.next_batch(n - k))
+        return [next(general) if (i + 1) * k // n > i * k // n else next(reasoning) for i in range(n)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reasoning": self.reasoning.state_dict(), "general": self.general.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reasoning.load_state_dict(state["reasoning"])
+        self.general.load_state_dict(state["general"])
+
+
+PromptStream = ProblemStream | UserProblemStream | MixedPromptStream
+BUILTIN_GENERAL_PROMPTS = 1000  # built-in instructions a run cycles through when no general prompts are given
+
+
+def parse_general_prompt(line: str, where: str) -> GeneralPrompt:
+    """One JSONL line -> its general prompt: {"prompt": "..."} (a user turn) or {"messages": [...]} ending with the
+    user's turn; a ChatDataError naming `where` if it is neither."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ChatDataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
+        raise ChatDataError(f'{where}: expected a JSON object with either a "prompt" string or a "messages" list')
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ChatDataError(f'{where}: "prompt" must be a non-empty string')
+        return GeneralPrompt(({"role": "user", "content": row["prompt"]},), where)
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ChatDataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    try:
+        chat_pieces(messages)  # the chat template's checks: objects, roles, string contents
+    except ValueError as e:
+        raise ChatDataError(f"{where}: {e}") from None
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise ChatDataError(f"{where}: the last message must be a non-empty user message: the prompt the policy "
+                            "answers")
+    return GeneralPrompt(tuple(messages), where)
+
+
+def read_general_prompts(paths: Iterable[str | Path]) -> list[GeneralPrompt]:
+    """The general prompts of JSONL files (or directories of them), in file and line order; blank lines are
+    skipped, a bad line or a file without a prompt is a ChatDataError naming its file (and line)."""
+    prompts: list[GeneralPrompt] = []
+    for file in jsonl_files(paths):
+        before = len(prompts)
+        with open(file, encoding="utf-8") as f:
+            for number, line in _lines(f, file):
+                if line.strip():
+                    prompts.append(parse_general_prompt(line, f"{file}:{number}"))
+        if len(prompts) == before:
+            raise ChatDataError(f"{file} holds no general prompts")
+    return prompts
+
+
+def builtin_general_prompts(seed: int) -> list[GeneralPrompt]:
+    """The built-in non-reasoning instructions (data/chat.instruction_conversations, train split) as general
+    prompts: their user turns."""
+    return [GeneralPrompt(tuple(c.messages[:1]), c.source)
+            for c in instruction_conversations(BUILTIN_GENERAL_PROMPTS, seed)]
+
+
+def problem_source(grpo: GRPOConfig, seed: int) -> PromptStream:
+    """The prompts of a GRPO run: the user's problems (grpo.problems, read and checked now) or the built-in tasks';
+    with grpo.general_share, mixed with general prompts (grpo.general_prompts, or the built-in instructions)."""
     if grpo.problems:
-        return UserProblemStream(read_problems(grpo.problems), seed, grpo.problems)
-    return ProblemStream(seed, grpo.difficulty)
+        reasoning: ProblemStream | UserProblemStream = UserProblemStream(read_problems(grpo.problems), seed,
+                                                                         grpo.problems)
+    else:
+        reasoning = ProblemStream(seed, grpo.difficulty)
+    if not grpo.general_share:
+        return reasoning
+    general = (read_general_prompts(grpo.general_prompts) if grpo.general_prompts else
+               builtin_general_prompts(seed))
+    return MixedPromptStream(reasoning, GeneralPromptStream(general, seed, grpo.general_prompts), grpo.general_share)
+
+
+def open_reward_model(path: str, device: torch.device | str = "cpu") -> Scorer:
+    """The reward model of a `nanoseek rm` run or checkpoint, on `device`."""
+    from nanoseek.train.reward_model import load_reward_model  # it imports this module
+
+    if not Path(path).exists():
+        raise TrainingError(f"no reward model at {path} (--reward-model): no such file or directory; train one "
+                            "with `nanoseek rm` and pass its run directory or one of its checkpoints")
+    return load_reward_model(path, device)
+
+
+def grpo_rewards(cfg: GRPOConfig, device: torch.device | str = "cpu", reward_model: Scorer | None = None
+                 ) -> RewardRouter:
+    """A run's rewards by prompt source: the rule rewards (accuracy, format, language consistency) for reasoning
+    problems; with general prompts, the reward model's score of the text after </think> ("helpfulness") for them,
+    `reward_model` or cfg.reward_model's (loaded on `device`)."""
+    sets = {REASONING: r1_zero_rewards(cfg.format_weight, language_weight=cfg.language_weight,
+                                       language=cfg.language)}
+    if cfg.general_share:
+        scorer = reward_model or open_reward_model(cfg.reward_model, device)
+        sets[GENERAL] = RewardSet({"helpfulness": reward_model_reward(scorer)}, {"helpfulness": 1.0})
+    return RewardRouter(sets)
 
 
 class GRPOStage:
@@ -257,10 +403,11 @@ class GRPOStage:
     name = "grpo"
     flops_per_token = None
 
-    def __init__(self, tokenizer: Tokenizer, problems: ProblemStream | UserProblemStream, cfg: GRPOConfig,
-                 rewards: RewardSet | None = None):
+    def __init__(self, tokenizer: Tokenizer, problems: PromptStream, cfg: GRPOConfig,
+                 rewards: RewardSet | RewardRouter | None = None):
         self.cfg, self.tokenizer, self.problems = cfg, tokenizer, problems
-        self.rewards = rewards or r1_zero_rewards(format_weight=cfg.format_weight)
+        # A RewardSet scores the reasoning problems; None: grpo_rewards(cfg), made on the first step.
+        self.rewards = RewardRouter({REASONING: rewards}) if isinstance(rewards, RewardSet) else rewards
         self.engine: Engine | None = None  # made on the first step, on the trainer's model and device
         self.reference: DeepSeekV3 | None = None  # the frozen initial policy of the KL term (beta > 0)
 
@@ -268,16 +415,24 @@ class GRPOStage:
         return asdict(self.cfg)
 
     def prepare(self, trainer: Trainer) -> None:
-        """Build the engine (and the reference model) on the trainer's model; the first step does it."""
+        """Build the engine (and the reference model, and the rewards) on the trainer's model; the first step does
+        it."""
         g = self.cfg
         if g.prompts_per_step % trainer.dp_size:
             raise TrainingError(f"prompts_per_step {g.prompts_per_step} does not split into {trainer.dp_size} "
                                 "data-parallel ranks; make it a multiple of the number of ranks")
         check_template(self.tokenizer, g.template)
-        longest = 512  # prompt tokens: the built-in problems' are far shorter; a user's may be longer
-        if isinstance(self.problems, UserProblemStream):
-            longest = max(longest, *(len(problem_prompt(self.tokenizer, p, g.template))
-                                     for p in self.problems.problems))
+        streams = [self.problems]
+        if isinstance(self.problems, MixedPromptStream):
+            check_template(self.tokenizer, "chat")  # the general prompts' template
+            streams = [self.problems.reasoning, self.problems.general]
+        if self.rewards is None:
+            self.rewards = grpo_rewards(g, trainer.device)
+        if g.general_share and GENERAL not in self.rewards.sets:
+            raise TrainingError("the rewards score no general prompts; give the stage a reward set for them")
+        # Prompt tokens: the built-in problems' and instructions' are far shorter; a user's may be longer.
+        longest = max([512, *(len(self._prompt(p)) for s in streams if isinstance(s, UserProblemStream)
+                              for p in s.problems)])
         self.engine = Engine(trainer.model, max_batch=g.prompts_per_step // trainer.dp_size * g.group_size,
                              max_len=longest + g.max_new_tokens, tokenizer=self.tokenizer)
         if g.loss.beta:
@@ -292,7 +447,7 @@ class GRPOStage:
         share = g.prompts_per_step // trainer.dp_size
         first = trainer.dp_rank * share  # this rank's prompts: [first, first + share)
         mine = problems[first:first + share]
-        prompts = [problem_prompt(tok, p, g.template) for p in mine]
+        prompts = [self._prompt(p) for p in mine]
         outs = self.engine.generate([p for p in prompts for _ in range(g.group_size)], SamplingParams(
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=(tok.eos_id,),
             stop_strings=("</answer>",) if g.stop_at_answer else (),
@@ -319,16 +474,13 @@ class GRPOStage:
                     ref = completion_logprobs(self.reference, seq, lens)[0] if self.reference else None
                     micro.append((seq, lens, adv, old, ref))
         # The log shows the whole batch: every rank's samples, in rank order (= one process's order).
-        gathered = trainer.all_gather((scores, lengths, [p.task for p in mine for _ in range(g.group_size)],
-                                       int(keep.sum()), generated - start))
+        gathered = trainer.all_gather((scores, lengths, [(prompt_source(p), p.task) for p in mine
+                                                         for _ in range(g.group_size)], int(keep.sum()),
+                                       generated - start))
         scores = [s for part in gathered for s in part[0]]
         lengths = [n for part in gathered for n in part[1]]
-        sample_tasks = [t for part in gathered for t in part[2]]
-        record = {"loss": 0.0, "reward": float(torch.tensor([s["total"] for s in scores]).mean()),
-                  "accuracy": _mean(s["accuracy"] for s in scores), "format_rate": _mean(s["format"] for s in scores),
-                  **{f"reward_{k}": _mean(s[k] for s in scores) for k in scores[0] if k != "total"},
-                  **{f"accuracy_{name}": _mean(s["accuracy"] for s, task in zip(scores, sample_tasks) if task == name)
-                     for name in dict.fromkeys(sample_tasks)},
+        labels = [label for part in gathered for label in part[2]]
+        record = {"loss": 0.0, **reward_record(scores, labels, mixed=len(self.rewards.sets) > 1),
                   "length_mean": _mean(lengths), "length_max": max(lengths),
                   "groups_kept": sum(part[3] for part in gathered), "entropy": float("nan"), "clip_fraction": 0.0,
                   "kl": 0.0, "generation_time": max(part[4] for part in gathered)}
@@ -342,6 +494,12 @@ class GRPOStage:
         stats["loss"] = float(loss.detach())
         stats["entropy"] = float((entropy.detach() * mask).sum()) / max(1, self.batch_size[1])
         return LossTerms(loss, stats)
+
+    def _prompt(self, problem: tasks.Problem | GeneralPrompt) -> list[int]:
+        """A problem's prompt as `nanoseek eval` asks it (--template); a general prompt in the chat template."""
+        if isinstance(problem, GeneralPrompt):
+            return encode_prompt(self.tokenizer, list(problem.messages), "chat")
+        return problem_prompt(self.tokenizer, problem, self.cfg.template)
 
     def evaluate(self, trainer: Trainer) -> None:
         return None  # the held-out evaluation of an RL run is `nanoseek eval`'s
@@ -371,6 +529,26 @@ def _mean(values) -> float:
     return sum(values) / max(1, len(values))
 
 
+def reward_record(scores: Sequence[dict[str, float]], labels: Sequence[tuple[str, str]], mixed: bool = False
+                  ) -> dict[str, float]:
+    """A step's reward metrics from its samples' scores and (source, task) labels: the mean total reward; the
+    accuracy and format rate, each reward term's mean (reward_<term>) and the accuracy per task over the samples
+    that term scored (so a reasoning term never averages in a general prompt's sample); mixed: each source's mean
+    total reward (reward_<source>)."""
+    def mean_of(key: str, task: str | None = None) -> float:
+        return _mean(s[key] for s, (_, t) in zip(scores, labels) if key in s and (task is None or t == task))
+
+    record = {"reward": float(torch.tensor([s["total"] for s in scores]).mean()),
+              "accuracy": mean_of("accuracy"), "format_rate": mean_of("format"),
+              **{f"reward_{k}": mean_of(k) for s in scores for k in s if k != "total"},
+              **{f"accuracy_{task}": mean_of("accuracy", task) for s, (_, task) in zip(scores, labels)
+                 if "accuracy" in s}}
+    if mixed:
+        record.update({f"reward_{source}": _mean(s["total"] for s, (src, _) in zip(scores, labels) if src == source)
+                       for source, _ in labels})
+    return record
+
+
 # The shared options with RL's defaults: a small constant learning rate, no weight decay.
 GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=300, lr=1.5e-4, warmup_steps=5, decay_start=1.0,
                                   weight_decay=0.0, save_every=20, eval_every=0, keep_last=2)
@@ -396,8 +574,8 @@ def arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def grpo_trainer(model: DeepSeekV3, tokenizer: Tokenizer, train: TrainConfig, grpo: GRPOConfig,
-                 rewards: RewardSet | None = None, model_files: dict[str, Path] | None = None,
-                 problems: ProblemStream | UserProblemStream | None = None) -> Trainer:
+                 rewards: RewardSet | RewardRouter | None = None, model_files: dict[str, Path] | None = None,
+                 problems: PromptStream | None = None) -> Trainer:
     """The shared Trainer with the GRPO stage on its problems (default: problem_source's, from grpo and the seed)."""
     problems = problems if problems is not None else problem_source(grpo, train.seed)
     stage = GRPOStage(tokenizer, problems, grpo, rewards)
@@ -414,10 +592,12 @@ def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, r
     grpo, train = run_settings("grpo", GRPOConfig, grpo, train if resume else train or GRPO_TRAIN_DEFAULTS, resume,
                                changes)
     out = Path(train.out_dir)
-    problems = problem_source(grpo, train.seed)  # a user's problems are checked before the model is loaded
+    # A user's problems and general prompts, and the reward model, are checked before the model is loaded.
+    problems = problem_source(grpo, train.seed)
+    rewards = grpo_rewards(grpo, pick_device(train.device))
     path = resolve_checkpoint(grpo.model)
     tokenizer = Tokenizer.load(path)
-    trainer = grpo_trainer(load_pretrained(path), tokenizer, train, grpo,
+    trainer = grpo_trainer(load_pretrained(path), tokenizer, train, grpo, rewards,
                            model_files={"tokenizer.json": path / "tokenizer.json"}, problems=problems)
     if resume:
         trainer.resume()

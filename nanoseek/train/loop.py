@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from nanoseek.atomic import replace_directory, write_text
 from nanoseek.checkpoint import load_pretrained, save_pretrained
 from nanoseek.config import require
+from nanoseek.data.tokenizer import PAD, Tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.attention import MultiHeadLatentAttention
@@ -41,6 +42,28 @@ from nanoseek.model.layers import RMSNorm
 from nanoseek.model.transformer import Block
 from nanoseek.options import given_options
 from nanoseek.train.metrics import MetricsLog, plot_run
+
+
+def length_buckets(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, shortest first, cut into micro-batches whose padded size (rows x longest)
+    stays within max_tokens (a longer sequence gets a micro-batch of its own): sorting first keeps the
+    padding, which costs as much compute as real tokens, small."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if buckets and (len(buckets[-1]) + 1) * lengths[i] <= max_tokens:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def padding_id(tokenizer: Tokenizer) -> int:
+    """The input id of padding (never a target, and after every real token of its row): DeepSeek's pad token, or
+    the end of sentence in a vocabulary without it."""
+    try:
+        return tokenizer.token_id(PAD)
+    except NanoseekError:
+        return tokenizer.eos_id
 
 
 class TrainingError(NanoseekError, RuntimeError):

@@ -45,16 +45,15 @@ from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
 from nanoseek.config import ModelConfig, require
 from nanoseek.data import tasks
 from nanoseek.data.chat import Conversation, cold_start_conversations, encode_conversations, read_conversations
-from nanoseek.data.tokenizer import ASSISTANT, END_THINK, PAD, THINK, USER, Tokenizer
+from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER, Tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import EvalConfig, evaluate, heldout_problems
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.losses import IGNORE_INDEX
 from nanoseek.model.params import flops_per_token
 from nanoseek.options import add_dataclass_options, from_args
-from nanoseek.train.grpo import length_buckets
 from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
-                                 add_resume_option, resume_arguments, run_settings)
+                                 add_resume_option, length_buckets, padding_id, resume_arguments, run_settings)
 from nanoseek.train.metrics import plot_run, read_metrics
 
 
@@ -319,17 +318,8 @@ def arguments(args: argparse.Namespace) -> dict[str, Any]:
 def sft_trainer(model: DeepSeekV3, tokenizer: Tokenizer, data: SFTData, sft: SFTConfig, train: TrainConfig,
                 model_files: dict[str, Path] | None = None) -> Trainer:
     """The shared Trainer with the SFT stage on `data`."""
-    stage = SFTStage(data.train, data.heldout, sft, model.config, _pad_id(tokenizer), seed=train.seed)
+    stage = SFTStage(data.train, data.heldout, sft, model.config, padding_id(tokenizer), seed=train.seed)
     return Trainer(model, stage, train, model_files=model_files)
-
-
-def _pad_id(tokenizer: Tokenizer) -> int:
-    """The input id of padding (never a target, and after every real token of its row): DeepSeek's pad token, or
-    the end of sentence in a vocabulary without it."""
-    try:
-        return tokenizer.token_id(PAD)
-    except NanoseekError:
-        return tokenizer.eos_id
 
 
 def run_sft(sft: SFTConfig | None = None, train: TrainConfig | None = None, resume: bool = False,
@@ -387,7 +377,7 @@ def write_report(out: Path, base: Path, trainer: Trainer, tokenizer: Tokenizer, 
                  train: TrainConfig, minutes: float) -> dict[str, Any]:
     """report.json and report.md of a finished run: the held-out loss and (built-in data) the greedy chat-format
     accuracy of the base model and of the fine-tuned one, the data's counts, the plots."""
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     before_model = load_pretrained(base).to(trainer.device)
     loss = {"before": heldout_loss(before_model, data.heldout, sft, pad_id, trainer.device) if data.heldout else None,
             "after": heldout_loss(trainer.model, data.heldout, sft, pad_id, trainer.device) if data.heldout else None}
