@@ -5,7 +5,8 @@ One module serves three stages, so every choice here is made for all of them:
 * pretraining: `corpus` yields documents in the R1-Zero answer format (`format_document`), so a small model
   learns both the worked steps and the `<think>`/`<answer>` layout. The steps are deliberately regular (one
   short sentence per line, the same wording every time, arithmetic done column by column) and level 1 is
-  genuinely easy, so a ~6M-parameter model can learn to solve it greedily.
+  genuinely easy, so a ~6M-parameter model can learn to solve it greedily. `corpus(chinese_rate=...)` narrates
+  a share of the worked steps in Chinese (language.py), R1-Zero's language mixing for R1's language reward.
 * reinforcement learning: `check_answer` is the reward; it takes the model's raw final-answer text, is
   tolerant of harmless variation (whitespace, a trailing period, "x = 5", "1,4, 7") and never raises.
 * evaluation: `normalize_answer` maps an answer to a canonical string so that majority voting groups
@@ -28,6 +29,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+
+from nanoseek.data.language import narrate_in_chinese
 
 DIFFICULTIES = (1, 2, 3)
 LEVEL_WEIGHTS = (0.7, 0.2, 0.1)  # how often a mixed draw (difficulty=None) picks each level
@@ -506,10 +509,17 @@ def format_prompt(problem: Problem) -> str:
 DIRECT_ANSWER = "The answer is"  # how a document without worked steps opens its <think> block
 
 
-def format_document(problem: Problem, worked: bool = True) -> str:
+def format_document(problem: Problem, worked: bool = True, chinese_share: float = 0.0,
+                    rng: random.Random | None = None) -> str:
     """The pretraining text of one problem, in the R1-Zero answer format: the worked steps, or (worked=False)
-    only a one-line guess of the answer, as text that states answers without working shows them."""
-    thought = problem.steps if worked else f"{DIRECT_ANSWER} {problem.answer}."
+    only a one-line guess of the answer, as text that states answers without working shows them.
+    chinese_share: the probability that each line of worked steps is narrated in Chinese (language.py; at
+    least one line when it is above 0; rng draws the lines, not needed for 0 or 1); the question, the direct
+    answer's line and the <answer> stay as they are."""
+    if worked:
+        thought = narrate_in_chinese(problem.steps, chinese_share, rng, at_least_one=True)
+    else:
+        thought = f"{DIRECT_ANSWER} {problem.answer}."
     return f"{format_prompt(problem)}{thought}\n</think>\n<answer>{problem.answer}</answer>"
 
 
@@ -522,12 +532,22 @@ def extract_answer(completion: str) -> str | None:
     return completion[start + len("<answer>"):].split("</answer>", 1)[0]
 
 
+CHINESE_SHARE = (0.3, 1.0)  # the range of a Chinese-narrated document's share of Chinese lines (drawn uniformly)
+
+
 def corpus(n_docs: int, seed: int = 0, tasks: list[str] | None = None, split: str = "train",
-           difficulty: int | None = None, direct_rate: float = 0.0) -> Iterator[str]:
+           difficulty: int | None = None, direct_rate: float = 0.0, chinese_rate: float = 0.0) -> Iterator[str]:
     """n_docs pretraining documents, each of a task drawn uniformly from `tasks` (default: all),
-    deterministic from the arguments; a share `direct_rate` of them state the answer without the steps."""
+    deterministic from the arguments; a share `direct_rate` of them state the answer without the steps.
+
+    chinese_rate: the share of the worked documents whose steps are narrated partly or wholly in Chinese
+    (R1-Zero's language mixing, for R1's language-consistency reward): each of them a random share of its lines,
+    uniform in CHINESE_SHARE. Those choices come from a random stream of their own, so the problems and which
+    documents are worked are the same for every chinese_rate, and chinese_rate=0 gives the English corpus."""
     if not 0.0 <= direct_rate <= 1.0:
         raise ValueError(f"direct_rate must be between 0 and 1, not {direct_rate!r}")
+    if not 0.0 <= chinese_rate <= 1.0:
+        raise ValueError(f"chinese_rate must be between 0 and 1, not {chinese_rate!r}")
     names = list(TASKS) if tasks is None else list(tasks)
     if not names:
         raise ValueError("tasks is empty; choose from " + ", ".join(TASKS))
@@ -536,5 +556,14 @@ def corpus(n_docs: int, seed: int = 0, tasks: list[str] | None = None, split: st
     if difficulty is not None:
         _check_difficulty(difficulty)
     rng = random.Random(f"corpus/{seed}/{split}/{difficulty}/{','.join(names)}")
-    return (format_document(_draw(rng.choice(chosen), rng, split, difficulty), worked=rng.random() >= direct_rate)
-            for _ in range(n_docs))
+    language_rng = random.Random(f"corpus-language/{seed}/{split}/{difficulty}/{','.join(names)}")
+
+    def document() -> str:
+        problem = _draw(rng.choice(chosen), rng, split, difficulty)
+        worked = rng.random() >= direct_rate
+        share = 0.0
+        if worked and chinese_rate > 0.0 and language_rng.random() < chinese_rate:
+            share = language_rng.uniform(*CHINESE_SHARE)
+        return format_document(problem, worked, share, language_rng)
+
+    return (document() for _ in range(n_docs))
