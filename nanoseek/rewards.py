@@ -123,12 +123,13 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 def language_consistency(text: str, language: str = "en") -> float:
     """R1's language-consistency reward: the share of the chain of thought's words in the target language.
 
-    Words are runs of letters; a word is English when it is Latin script, Chinese/Japanese/Korean when it
-    is CJK (each CJK character counts as a word). Numbers and symbols do not count. No words: 1.
+    A word is English when it is a run of two or more Latin letters, Chinese/Japanese/Korean when it is CJK (each
+    CJK character counts as a word). Numbers, symbols and single letters (a variable such as x, the letters a
+    counting problem spells out) are data, not narration, and do not count. No words: 1.
     """
     if language not in ("en", "zh"):
         raise ValueError(f"language must be 'en' or 'zh', not {language!r}")
-    latin = len(re.findall(r"[A-Za-z]+", text))
+    latin = len(re.findall(r"[A-Za-z]{2,}", text))
     cjk = len(_CJK.findall(text))
     total = latin + cjk
     if total == 0:

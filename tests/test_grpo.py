@@ -145,6 +145,8 @@ def test_language_consistency_and_overlong():
     assert language_consistency("we compute 这个", "en") == pytest.approx(2 / 4)
     assert language_consistency("we compute 这个", "zh") == pytest.approx(2 / 4)
     assert language_consistency("12 + 3 = 15", "en") == 1.0
+    assert language_consistency("所以 x = 12", "zh") == 1.0  # a single letter is a variable, not a word
+    assert language_consistency('字母 r 在 "q r i r"', "en") == 0.0
     assert [overlong_penalty(n, 100, 20) for n in (50, 80, 90, 100, 130)] == [0.0, 0.0, -0.5, -1.0, -1.0]
 
 

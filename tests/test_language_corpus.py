@@ -15,7 +15,6 @@ from nanoseek.rewards import language_consistency
 
 CJK = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
 # Latin letters that are data, not narration: the variable x, and the letters counted.
-LATIN_DATA_TASKS = ("counting", "linear_equation")
 
 
 def math_of(text):
@@ -44,10 +43,9 @@ def test_a_fully_narrated_solution_keeps_its_arithmetic_and_changes_language(nam
             assert set(latin) <= {letter, *word.split()}, (latin, problem.question)
         elif name == "linear_equation":  # only the variable
             assert set(latin) == {"x"}
-        else:
-            assert language_consistency(chinese, "zh") >= 0.9 and language_consistency(chinese, "en") <= 0.1
-        if name in LATIN_DATA_TASKS:  # the reward still ranks Chinese narration below English
-            assert language_consistency(chinese, "en") < language_consistency(english, "en") == 1.0
+        # Single letters are data to the reward: every task's Chinese narration is Chinese to it.
+        assert language_consistency(chinese, "zh") >= 0.9 and language_consistency(chinese, "en") <= 0.1
+        assert language_consistency(english, "en") == 1.0
         assert narrate_in_chinese(english, 0.0, random.Random(0)) == english
         assert narrate_in_chinese(chinese, 1.0) == chinese  # nothing left to narrate
 

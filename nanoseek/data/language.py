@@ -12,12 +12,9 @@ and is left as it is. The arithmetic of a narrated solution is therefore the sam
 narration punctuation becomes the full-width "，" and "。", while a list keeps its ", ".
 
 Two tasks keep Latin letters that are data, not narration: counting (the counted letter and the word spelled
-out letter by letter) and linear equations (the variable x). A wholly Chinese narration of them still has
-those Latin words: measured over 1,000 problems a level, its English share (language_consistency "en") is
-0.36 / 0.50 / 0.61 for counting at levels 1 / 2 / 3, and 0.50 / 0.60 / 0.70 for linear equations, against
-1.0 in English and 0.0 for the other tasks. Each narrated line still lowers the English share, so the reward
-still ranks the English narration above the mixed one above the Chinese one, only over a narrower range; both
-tasks are therefore narrated like the others (excluding them would tie the language to the task).
+out letter by letter) and linear equations (the variable x). They are single letters, which the language reward
+(`rewards.language_consistency`) does not count as words, so a wholly Chinese narration of any task is Chinese to
+it.
 """
 
 from __future__ import annotations
