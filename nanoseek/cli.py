@@ -132,6 +132,15 @@ def pipeline(args: argparse.Namespace) -> None:
           f"(seed {report['seed']}); report: {args.out_dir}/report.md")
 
 
+def r1(args: argparse.Namespace) -> None:
+    from nanoseek.r1 import R1Config, run_r1
+
+    report = run_r1(from_args(R1Config, args), resume=args.resume)
+    rows = report["stages"]
+    print("held-out pass@1: " + ", ".join(f"{row['label']} {100 * row['pass@1']:.1f}%" for row in rows.values())
+          + f"; {report['minutes']['total']:.1f} min (seed {report['seed']}); report: {args.out_dir}/report.md")
+
+
 def tokenizer_train(args: argparse.Namespace) -> None:
     from nanoseek.data.shards import read_documents
     from nanoseek.data.tokenizer import Tokenizer
@@ -328,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "pretraining data and of the R1-Zero problems, R1-Zero's sampling; the evaluations keep "
                         f"seed {EvalConfig().seed} for their held-out problems and sampling, so that seeds compare")
     p.set_defaults(func=pipeline)
+
+    from nanoseek.r1 import R1Config
+
+    p = command(sub, "r1", "DeepSeek-R1's recipe from a pretrained base: cold-start SFT -> reasoning RL -> rejection "
+                "sampling -> SFT of the base -> reward model -> all-scenario RL, each stage evaluated, with R1-Zero "
+                "from the same base, in one report")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its latest checkpoint")
+    add_dataclass_options(p, R1Config)
+    p.set_defaults(func=r1)
 
     p = command(sub, "pretrain", "pretrain a model (no arguments: `small` on the built-in corpus)")
     pretrain_stage.add_options(p)

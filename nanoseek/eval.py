@@ -4,7 +4,9 @@ pass@1 = mean over problems of (correct samples / k), sampled at temperature 0.6
 cons@k: the most frequent normalised answer among the k samples (unparseable ones do not vote) is checked;
 pass@k: whether any of the k samples is right (the ceiling that sharpening the sampled distribution can reach);
 greedy: one temperature-0 completion per problem. Also the format rate (R1-Zero's structure) and the mean
-completion length, per task and overall.
+completion length, per task and overall, and with EvalConfig.language the reasoning's language consistency.
+`evaluate_instructions`: the accuracy of replies to held-out built-in non-reasoning instructions, whose replies a
+reward model can score (`reward_model_score`).
 
 The problems are the built-in tasks' held-out ones (`heldout_problems`), or a user's (data/problems.read_problems):
 an answer is right by the problem's built-in checker, or by math-verify for a user's problem without one
@@ -18,17 +20,19 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tqdm import tqdm
 
 from nanoseek.data import tasks
+from nanoseek.data.chat import check_instruction, instruction_conversations, instruction_kind
+from nanoseek.data.preferences import final_summary
 from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER, Tokenizer
-from nanoseek.infer.chat import encode_prompt
+from nanoseek.infer.chat import completion_text, encode_prompt
 from nanoseek.infer.engine import Completion, Engine, SamplingParams, StepOutput
 from nanoseek.model import DeepSeekV3
-from nanoseek.rewards import Sample, are_right, final_answer, format_reward
+from nanoseek.rewards import Sample, Scorer, are_right, final_answer, format_reward, language_reward
 
 # How a problem becomes a prompt (infer.chat.TEMPLATES less "raw"): "question", the built-in corpus's format
 # (pretrained and R1-Zero models); "chat", DeepSeek's chat format (models fine-tuned by `nanoseek sft`); "r1-zero",
@@ -45,6 +49,8 @@ class EvalConfig:
     seed: int = 0
     greedy: bool = True
     template: str = "question"  # how a problem becomes a prompt: one of PROBLEM_TEMPLATES
+    language: str | None = None  # the reasoning's target language ("en", "zh"): also report "language", the mean
+                                 # language consistency of the samples' reasoning (rewards.language_reward)
 
 
 def problem_prompt(tokenizer: Tokenizer, problem: tasks.Problem, template: str = "question") -> list[int]:
@@ -99,10 +105,16 @@ def sample_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[t
     when cfg.greedy is off), all stopped at </answer>. progress: a bar of completions done (and tokens/s) on
     stderr."""
     prompts = [problem_prompt(tokenizer, p, cfg.template) for p in problems]
-    stop = dict(stop_ids=(tokenizer.eos_id,), stop_strings=("</answer>",))
+    return sample_prompts(model, tokenizer, prompts, cfg, max_batch, progress)
+
+
+def sample_prompts(model: DeepSeekV3, tokenizer: Tokenizer, prompts: list[list[int]], cfg: EvalConfig,
+                   max_batch: int = 64, progress: bool = False) -> tuple[list[Completion], list[Completion]]:
+    """sample_completions of prompts given as token ids."""
+    stop = {"stop_ids": (tokenizer.eos_id,), "stop_strings": ("</answer>",)}
     engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
                     tokenizer=tokenizer)
-    with tqdm(total=len(problems) * (cfg.k + cfg.greedy), desc="evaluating", unit="completion",
+    with tqdm(total=len(prompts) * (cfg.k + cfg.greedy), desc="evaluating", unit="completion",
               disable=not progress) as bar:
         start, tokens = time.perf_counter(), 0
 
@@ -130,8 +142,11 @@ def evaluate(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[tasks.Probl
     rows = []
     for i, problem in enumerate(problems):
         group = slice(i * cfg.k, (i + 1) * cfg.k)
-        row = {"task": problem.task, **score_problem(problem, [c.text for c in sampled[group]], right[group]),
+        texts = [c.text for c in sampled[group]]
+        row = {"task": problem.task, **score_problem(problem, texts, right[group]),
                "length": sum(len(c.tokens) for c in sampled[group]) / cfg.k}
+        if cfg.language:
+            row["language"] = sum(language_reward(Sample(problem, t), cfg.language) for t in texts) / cfg.k
         if greedy:
             row["greedy"] = float(right[len(sampled) + i])
         rows.append(row)
@@ -153,6 +168,34 @@ def heldout_problems(n_per_task: int, difficulty: int | None = 1, seed: int = 0)
                                                         difficulty=difficulty)}
         problems += list(unique.values())[:n_per_task]
     return problems
+
+
+def evaluate_instructions(model: DeepSeekV3, tokenizer: Tokenizer, n: int, cfg: EvalConfig | None = None,
+                          max_batch: int = 64, progress: bool = False) -> dict[str, Any]:
+    """Accuracy on n held-out built-in non-reasoning instructions (data/chat.instruction_conversations of the
+    "heldout" split, seed cfg.seed: questions the training split never has), asked in cfg.template, k sampled
+    replies each: a reply is right when check_instruction passes its answer (the text after `</think>`,
+    preferences.final_summary). -> the accuracy overall and per kind of instruction, and each reply's question and
+    answer ("prompts", "replies"), for a reward model to score (reward_model_score)."""
+    cfg = replace(cfg or EvalConfig(), greedy=False)
+    questions = [c.messages[0]["content"] for c in instruction_conversations(n, cfg.seed, split="heldout")]
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], cfg.template) for q in questions]
+    sampled, _ = sample_prompts(model, tokenizer, prompts, cfg, max_batch, progress)
+    params = SamplingParams(stop_ids=(tokenizer.eos_id,))
+    asked = [questions[i // cfg.k] for i in range(len(sampled))]
+    replies = [final_summary(completion_text(tokenizer, c, params)) for c in sampled]
+    right = [check_instruction(q, r) for q, r in zip(asked, replies, strict=True)]
+    kinds = [instruction_kind(q) for q in asked]
+    per_kind = {kind: sum(r for r, k in zip(right, kinds) if k == kind) / kinds.count(kind)
+                for kind in dict.fromkeys(kinds)}
+    return {"instructions": n, "k": cfg.k, "accuracy": sum(right) / len(right), "per_kind": per_kind,
+            "prompts": asked, "replies": replies}
+
+
+def reward_model_score(scorer: Scorer, instructions: dict[str, Any]) -> float:
+    """The mean score a reward model (train/reward_model.RewardModel) gives the replies of evaluate_instructions."""
+    scores = scorer.score(instructions["prompts"], instructions["replies"])
+    return sum(scores) / len(scores)
 
 
 def format_table(report: dict[str, Any]) -> str:

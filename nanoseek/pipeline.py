@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.data.tasks import Problem
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.eval import EvalConfig, evaluate, format_table, heldout_problems
+from nanoseek.eval import EvalConfig, evaluate, evaluate_instructions, format_table, heldout_problems
 from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, run_grpo
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import PretrainConfig, pretrain
@@ -35,49 +37,82 @@ def run_pipeline(out_dir: str | Path = "runs", resume: bool = False, eval_proble
     out = Path(out_dir)
     base, rl = out / "pretrain", out / "grpo"
     _check_seed(out, seed, (base / "data" / "meta.json", base / "run.json", rl / "run.json"))
-    out.mkdir(parents=True, exist_ok=True)
     eval_config = eval_config or EvalConfig()
-    timings = out / "minutes.json"  # each stage's wall time, kept across interrupted runs
-    minutes: dict[str, float] = json.loads(timings.read_text()) if timings.exists() else {}
-
-    def stage(name: str, done: Path, run) -> None:
-        if done.exists():
-            print(f"[{name}] finished earlier ({done} exists): reused")
-            return
-        print(f"[{name}] ...")
-        started = time.perf_counter()
-        run()
-        minutes[name] = (time.perf_counter() - started) / 60
-        timings.write_text(json.dumps(minutes, indent=2) + "\n")
-
-    def evaluation(model_dir: Path, report: Path) -> None:
-        path = resolve_checkpoint(model_dir)
-        result = evaluate(load_pretrained(path), Tokenizer.load(path),
-                          heldout_problems(eval_problems, seed=eval_config.seed), eval_config)
-        report.write_text(json.dumps(result, indent=2) + "\n")
-        print(format_table(result))
-
+    problems = heldout_problems(eval_problems, seed=eval_config.seed)
+    stages = StageRunner(out, "pipeline", resume)
     pretrain_train = replace(pretrain_train or TrainConfig(), out_dir=str(base), seed=seed)
     grpo_train = replace(grpo_train or GRPO_TRAIN_DEFAULTS, out_dir=str(rl), seed=seed)
     # The pretraining's own greedy check is skipped: the evaluation stage measures the base model fully.
     data = replace(data or PretrainConfig(), eval_problems=0)
     grpo = replace(grpo or GRPOConfig(), model=str(base))
-    stage("pretrain", base / "report.json",
-          lambda: _finished(pretrain(data, pretrain_train, resume=_continues(resume, base), progress=progress)))
-    stage("evaluate base", out / "eval-base.json", lambda: evaluation(base, out / "eval-base.json"))
-    stage("R1-Zero", rl / "report.json",
-          lambda: _finished(run_grpo(grpo, grpo_train, resume=_continues(resume, rl), progress=progress)))
-    stage("evaluate R1-Zero", out / "eval-grpo.json", lambda: evaluation(rl, out / "eval-grpo.json"))
+    stages.train("pretrain", base, lambda resume: pretrain(data, pretrain_train, resume=resume, progress=progress))
+    stages.run("evaluate base", out / "eval-base.json",
+               lambda: evaluate_run(base, out / "eval-base.json", problems, eval_config))
+    stages.train("R1-Zero", rl, lambda resume: run_grpo(grpo, grpo_train, resume=resume, progress=progress))
+    stages.run("evaluate R1-Zero", out / "eval-grpo.json",
+               lambda: evaluate_run(rl, out / "eval-grpo.json", problems, eval_config))
 
     before = json.loads((out / "eval-base.json").read_text())
     after = json.loads((out / "eval-grpo.json").read_text())
     seeds = {"pipeline": seed, "pretrain": _stage_seed(base), "grpo": _stage_seed(rl), "evaluation": eval_config.seed}
-    report = {"seed": seed, "seeds": seeds, "base": before, "r1_zero": after,
-              "minutes": {**minutes, "total": sum(minutes.values())}}
+    report = {"seed": seed, "seeds": seeds, "base": before, "r1_zero": after, "minutes": stages.summary()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot_pass_at_1(before, after, out / "pass_at_1.png")
     (out / "report.md").write_text(_report_markdown(report))
     return report
+
+
+class StageRunner:
+    """Runs a recipe's stages in order (`nanoseek pipeline`, `nanoseek r1`): a stage whose `done` file exists
+    finished earlier and is reused; the others run, and their wall time is kept in out/minutes.json (across
+    interrupted runs: a stage run again records its latest run)."""
+
+    def __init__(self, out: Path, command: str, resume: bool = False):
+        self.command, self.resume = command, resume
+        out.mkdir(parents=True, exist_ok=True)
+        self.timings = out / "minutes.json"
+        self.minutes: dict[str, float] = json.loads(self.timings.read_text()) if self.timings.exists() else {}
+
+    def run(self, name: str, done: Path, work: Callable[[], object]) -> None:
+        if done.exists():
+            print(f"[{name}] finished earlier ({done} exists): reused")
+            return
+        print(f"[{name}] ...")
+        started = time.perf_counter()
+        work()
+        self.minutes[name] = (time.perf_counter() - started) / 60
+        self.timings.write_text(json.dumps(self.minutes, indent=2) + "\n")
+
+    def train(self, name: str, run_dir: Path, train: Callable[[bool], dict[str, Any]]) -> None:
+        """A training stage writing into run_dir, finished when its report.json exists. train(resume) runs it,
+        resuming when --resume was asked and the stage saved a checkpoint (a recipe stopped before a stage's
+        first checkpoint starts that stage afresh); a stage stopped by a signal ends the recipe."""
+        def work() -> None:
+            result = train(self.resume and (run_dir / "checkpoints" / "latest").exists())
+            if result.get("stopped") is not None:
+                raise PipelineStopped(f"[{name}] stopped by signal {result['stopped']} at step {result['step']}; "
+                                      f"continue with: nanoseek {self.command} --resume")
+
+        self.run(name, run_dir / "report.json", work)
+
+    def summary(self) -> dict[str, float]:
+        """Each stage's minutes and their total."""
+        return {**self.minutes, "total": sum(self.minutes.values())}
+
+
+def evaluate_run(model_dir: Path, report: Path, problems: list[Problem], cfg: EvalConfig,
+                 instructions: int = 0) -> dict[str, Any]:
+    """Evaluate a run's latest checkpoint (or a checkpoint) on the problems, and with instructions > 0 on that many
+    held-out instructions (eval.evaluate_instructions, under "instructions"); write the result to `report`."""
+    path = resolve_checkpoint(model_dir)
+    model, tokenizer = load_pretrained(path), Tokenizer.load(path)
+    result = evaluate(model, tokenizer, problems, cfg)
+    print(format_table(result))
+    if instructions:
+        result["instructions"] = evaluate_instructions(model, tokenizer, instructions, cfg)
+        print(f"held-out instructions: {100 * result['instructions']['accuracy']:.1f}% right")
+    report.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 class PipelineStopped(NanoseekError):
@@ -100,21 +135,9 @@ def _check_seed(out: Path, seed: int, settings_files: tuple[Path, ...]) -> None:
                                    f"with --seed {saved}, or run seed {seed} in another --out-dir")
 
 
-def _continues(resume: bool, stage_dir: Path) -> bool:
-    """Whether a stage resumes: asked to, and it saved a checkpoint (a pipeline stopped before a stage's first
-    checkpoint, say during an evaluation, starts that stage afresh on --resume)."""
-    return resume and (stage_dir / "checkpoints" / "latest").exists()
-
-
 def _stage_seed(stage_dir: Path) -> int:
     """The seed a finished training stage reports it ran with."""
     return json.loads((stage_dir / "report.json").read_text())["seed"]
-
-
-def _finished(result: dict[str, Any]) -> None:
-    if result.get("stopped") is not None:
-        raise PipelineStopped(f"stopped by signal {result['stopped']} at step {result['step']}; "
-                              "continue with: nanoseek pipeline --resume")
 
 
 def _plot_pass_at_1(before: dict[str, Any], after: dict[str, Any], path: Path) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from nanoseek.atomic import replace_directory, write_text
-from nanoseek.checkpoint import load_pretrained, save_pretrained
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint, save_pretrained
 from nanoseek.config import require
 from nanoseek.data.tokenizer import PAD, Tokenizer
 from nanoseek.errors import NanoseekError
@@ -212,6 +212,38 @@ def resume_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """A stage run function's keyword arguments for a resume: the run's saved settings, changed only by the options
     typed on the command line (args.argv)."""
     return {"resume": True, "changes": given_options(args.parser, args, args.argv)}
+
+
+def load_start_model(source: str, seq_len: int, tokens: tuple[str, ...], error: type[Exception]
+                     ) -> tuple[Path, Tokenizer, DeepSeekV3]:
+    """The model a fine-tuning stage starts from -> its checkpoint directory, tokenizer and model. source: a
+    checkpoint directory, or a run's directory (its latest checkpoint). The tokenizer must have `tokens` (else the
+    chat template's tags would be encoded as text) and the model's context must hold seq_len tokens; `error` is
+    the stage's error type."""
+    path = resolve_checkpoint(source)
+    if not path.is_dir():
+        raise error(f"no model at {path}: pass --model a checkpoint directory or a training run's directory "
+                    "(`nanoseek pretrain` writes runs/pretrain, `nanoseek sft` runs/sft)")
+    tokenizer = Tokenizer.load(path)
+    for token in tokens:
+        tokenizer.token_id(token)
+    model = load_pretrained(path)
+    if seq_len > model.config.max_position_embeddings:
+        raise error(f"seq_len {seq_len} is longer than the model's context "
+                    f"({model.config.max_position_embeddings} tokens)")
+    return path, tokenizer, model
+
+
+def steps_for_epochs(epochs: float, items: int, batch_size: int, train: TrainConfig, default_steps: int,
+                     error: type[Exception]) -> TrainConfig:
+    """train with max_steps set by `epochs` passes over `items` in batches of batch_size (epochs 0: unchanged);
+    max_steps given too (not default_steps) is an error."""
+    if not epochs:
+        return train
+    if train.max_steps != default_steps:
+        raise error(f"pass --epochs ({epochs}) or --max-steps ({train.max_steps}), not both: epochs set the number "
+                    "of steps")
+    return replace(train, max_steps=max(1, math.ceil(epochs * items / batch_size)))
 
 
 def saved_settings(out_dir: str | Path, stage: str) -> dict[str, Any]:

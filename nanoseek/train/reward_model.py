@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,7 +52,8 @@ from nanoseek.model.losses import bradley_terry_loss
 from nanoseek.model.params import flops_per_token
 from nanoseek.options import add_dataclass_options, from_args
 from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
-                                 add_resume_option, length_buckets, padding_id, resume_arguments, run_settings)
+                                 add_resume_option, length_buckets, load_start_model, padding_id, resume_arguments,
+                                 run_settings, steps_for_epochs)
 from nanoseek.train.metrics import _moving_average, read_metrics
 
 HEAD_FILE = "reward_head.safetensors"
@@ -439,17 +440,7 @@ def run_rm(rm: RMConfig | None = None, train: TrainConfig | None = None, resume:
         changes.setdefault("out_dir", (train or RM_TRAIN_DEFAULTS).out_dir)
     rm, train = run_settings("rm", RMConfig, rm, train if resume else train or RM_TRAIN_DEFAULTS, resume, changes)
     out = Path(train.out_dir)
-    path = resolve_checkpoint(rm.model)
-    if not path.is_dir():
-        raise RMError(f"no model at {path}: pass --model a checkpoint directory or a training run's directory "
-                      "(`nanoseek pretrain` writes runs/pretrain, `nanoseek sft` runs/sft)")
-    tokenizer = Tokenizer.load(path)
-    for token in (USER, ASSISTANT):  # else the chat template's tags would be encoded as text
-        tokenizer.token_id(token)
-    model = load_pretrained(path)
-    if rm.seq_len > model.config.max_position_embeddings:
-        raise RMError(f"seq_len {rm.seq_len} is longer than the model's context "
-                      f"({model.config.max_position_embeddings} tokens)")
+    path, tokenizer, model = load_start_model(rm.model, rm.seq_len, (USER, ASSISTANT), RMError)
     data = load_data(rm, tokenizer, train.seed)
     for reason, what in (("identical", "whose chosen and rejected responses are the same after </think>"),
                          ("longer_than_seq_len", f"longer than seq_len={rm.seq_len} tokens")):
@@ -457,11 +448,9 @@ def run_rm(rm: RMConfig | None = None, train: TrainConfig | None = None, resume:
         if counts["train"] or counts["heldout"]:
             print(f"nanoseek: warning: skipped {counts['train']} training and {counts['heldout']} held-out pairs "
                   f"{what} (the first: {data.first_skipped[reason]})", file=sys.stderr)
-    if rm.epochs and not resume:
-        if train.max_steps != RM_TRAIN_DEFAULTS.max_steps:
-            raise RMError(f"pass --epochs ({rm.epochs}) or --max-steps ({train.max_steps}), not both: epochs set "
-                          "the number of steps")
-        train = replace(train, max_steps=max(1, math.ceil(rm.epochs * len(data.train) / rm.batch_size)))
+    if not resume:
+        train = steps_for_epochs(rm.epochs, len(data.train), rm.batch_size, train, RM_TRAIN_DEFAULTS.max_steps,
+                                 RMError)
     trainer = rm_trainer(model, tokenizer, data, rm, train, model_files={"tokenizer.json": path / "tokenizer.json"})
     if resume:
         trainer.resume()

@@ -31,17 +31,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.checkpoint import load_pretrained
 from nanoseek.config import ModelConfig, require
 from nanoseek.data import tasks
 from nanoseek.data.chat import Conversation, cold_start_conversations, encode_conversations, read_conversations
@@ -53,7 +52,8 @@ from nanoseek.model.losses import IGNORE_INDEX
 from nanoseek.model.params import flops_per_token
 from nanoseek.options import add_dataclass_options, from_args
 from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
-                                 add_resume_option, length_buckets, padding_id, resume_arguments, run_settings)
+                                 add_resume_option, length_buckets, load_start_model, padding_id, resume_arguments,
+                                 run_settings, steps_for_epochs)
 from nanoseek.train.metrics import plot_run, read_metrics
 
 
@@ -332,27 +332,15 @@ def run_sft(sft: SFTConfig | None = None, train: TrainConfig | None = None, resu
     sft, train = run_settings("sft", SFTConfig, sft, train if resume else train or SFT_TRAIN_DEFAULTS, resume,
                               changes)
     out = Path(train.out_dir)
-    path = resolve_checkpoint(sft.model)
-    if not path.is_dir():
-        raise SFTError(f"no model at {path}: pass --model a checkpoint directory or a training run's directory "
-                       "(`nanoseek pretrain` writes runs/pretrain)")
-    tokenizer = Tokenizer.load(path)
-    for token in (USER, ASSISTANT, THINK, END_THINK):  # else the chat template's tags would be encoded as text
-        tokenizer.token_id(token)
-    model = load_pretrained(path)
-    if sft.seq_len > model.config.max_position_embeddings:
-        raise SFTError(f"seq_len {sft.seq_len} is longer than the model's context "
-                       f"({model.config.max_position_embeddings} tokens)")
+    path, tokenizer, model = load_start_model(sft.model, sft.seq_len, (USER, ASSISTANT, THINK, END_THINK), SFTError)
     data = load_data(sft, tokenizer, train.seed)
     if data.skipped["train"] or data.skipped["heldout"]:
         print(f"nanoseek: warning: skipped {data.skipped['train']} training and {data.skipped['heldout']} held-out "
               f"conversations longer than seq_len={sft.seq_len} tokens (the first: {data.first_skipped})",
               file=sys.stderr)
-    if sft.epochs and not resume:
-        if train.max_steps != SFT_TRAIN_DEFAULTS.max_steps:
-            raise SFTError(f"pass --epochs ({sft.epochs}) or --max-steps ({train.max_steps}), not both: epochs set "
-                           "the number of steps")
-        train = replace(train, max_steps=max(1, math.ceil(sft.epochs * len(data.train) / sft.batch_size)))
+    if not resume:
+        train = steps_for_epochs(sft.epochs, len(data.train), sft.batch_size, train, SFT_TRAIN_DEFAULTS.max_steps,
+                                 SFTError)
     trainer = sft_trainer(model, tokenizer, data, sft, train, model_files={"tokenizer.json": path / "tokenizer.json"})
     if resume:
         trainer.resume()
