@@ -8,6 +8,11 @@ On disk (the released DeepSeek-V3 layout, which transformers reads):
   own tensors, and copies of the shared embedding (embed_tokens) and head (shared_head.head)
 In memory (nanoseek): the same names without "model.", experts stacked (mlp.experts.gate_up_proj (E, 2F, H),
 down_proj (E, H, F)), MTP depth k under mtp.{k-1} (block tensors under mtp.{k-1}.block).
+
+Dense students (Qwen2ForCausalLM, LlamaForCausalLM: R1's distillation targets) are read and written in their own
+Hugging Face layout, one name table per family (DENSE_NAME_MAPS); load_pretrained picks the family by config.json's
+model_type. Their tokenizer files travel with them: save_pretrained copies those of the directory a student was
+loaded from (or of tokenizer_from).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.atomic import replace_directory
-from nanoseek.config import ModelConfig
+from nanoseek.config import DenseConfig, ModelConfig, load_config
 from nanoseek.errors import NanoseekError
+from nanoseek.model.dense import DenseTransformer
 from nanoseek.model.quant import BLOCK, dequantize_blockwise, quantize_blockwise
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import DeepSeekV3
@@ -44,6 +50,32 @@ _MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.w
 _FP8_EXPORTED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\..*_proj\.weight$")
 FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK],
                            "activation_scheme": "dynamic"}  # as in DeepSeek-V3's released config.json
+
+# Hugging Face name -> nanoseek name of a dense student's tensors, one table per family ("{i}": a layer's index).
+# A bias the config leaves out (Llama with attention_bias off) is in neither the checkpoint nor the model.
+_QWEN2_NAMES = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.input_layernorm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.self_attn.q_proj.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "layers.{i}.self_attn.q_proj.bias",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.self_attn.k_proj.weight",
+    "model.layers.{i}.self_attn.k_proj.bias": "layers.{i}.self_attn.k_proj.bias",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.self_attn.v_proj.weight",
+    "model.layers.{i}.self_attn.v_proj.bias": "layers.{i}.self_attn.v_proj.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.self_attn.o_proj.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.post_attention_layernorm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.mlp.gate_proj.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.mlp.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.mlp.down_proj.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",  # absent from a tied checkpoint (the embedding is the head)
+}
+_LLAMA_NAMES = {**_QWEN2_NAMES, "model.layers.{i}.self_attn.o_proj.bias": "layers.{i}.self_attn.o_proj.bias"}
+DENSE_NAME_MAPS: dict[str, dict[str, str]] = {"qwen2": _QWEN2_NAMES, "llama": _LLAMA_NAMES}
+# What a Hugging Face model directory holds besides config.json and the weights, copied through on save.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
 
 
 class CheckpointError(NanoseekError, ValueError):
@@ -220,12 +252,95 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------- dense students
+def _name_table(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile(re.escape(source).replace(r"\{i\}", r"(\d+)")), target) for source, target in table.items()]
+
+
+def _translate(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in table:
+        m = pattern.fullmatch(name)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    return None
+
+
+def read_dense_state_dict(files: _TensorFiles, config: DenseConfig,
+                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a Qwen2/Llama checkpoint into nanoseek names (DENSE_NAME_MAPS), checking names and shapes."""
+    directory = files.directory
+    table = _name_table(DENSE_NAME_MAPS[config.model_type])
+    with torch.device("meta"):
+        expected = dict(DenseTransformer(config).state_dict())
+    state: dict[str, torch.Tensor] = {}
+    hf_names: dict[str, str] = {}
+    unexpected = []
+    for key in files.keys():
+        if _IGNORED.search(key):
+            continue
+        name = _translate(key, table)
+        if name is None or name not in expected:
+            unexpected.append(key)
+            continue
+        hf_names[name] = key
+        tensor = files.get(key)
+        state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    if unexpected:
+        hint = (" (a bias: does config.json's attention_bias match the weights?)" if unexpected[0].endswith(".bias")
+                else " (does config.json match the weights?)")
+        raise CheckpointError(f"checkpoint {directory} has {len(unexpected)} tensors a {config.architecture} of this "
+                              f"config does not have, e.g. {unexpected[0]!r}{hint}")
+    if config.tie_word_embeddings and "embed_tokens.weight" in state:
+        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
+            raise CheckpointError("config.json ties the embeddings but lm_head.weight differs from embed_tokens")
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        hf_name = _translate(missing[0], _name_table({v: k for k, v in DENSE_NAME_MAPS[config.model_type].items()}))
+        raise CheckpointError(f"checkpoint {directory} is missing {len(missing)} tensors, e.g. {hf_name!r}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"tensor {hf_names.get(name, name)!r} has shape {tuple(tensor.shape)} in "
+                                  f"{directory} but config.json makes it {tuple(expected[name].shape)}")
+    return state
+
+
+def _load_dense(directory: Path, config: DenseConfig, dtype: torch.dtype | None,
+                device: str | torch.device | None) -> DenseTransformer:
+    state = read_dense_state_dict(_TensorFiles(directory), config, dtype)
+    with torch.device("meta"):
+        model = DenseTransformer(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(config)  # non-persistent buffers are not in the checkpoint
+    model.loaded_from = directory  # its tokenizer files are copied into what the model is saved as
+    return model.to(device) if device is not None else model
+
+
+def _dense_hf_state_dict(model: DenseTransformer) -> Iterator[tuple[str, torch.Tensor]]:
+    config = model.config
+    table = _name_table({v: k for k, v in DENSE_NAME_MAPS[config.model_type].items()})
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # as transformers saves a tied model
+        hf = _translate(name, table)
+        if hf is None:
+            raise CheckpointError(f"{config.architecture} has no checkpoint name for nanoseek's {name!r}")
+        yield hf, tensor
+
+
+# ---------------------------------------------------------------------- loading
 def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None) -> DeepSeekV3:
+    """A checkpoint directory -> its model: a DeepSeekV3 (deepseek_v3/v2, kimi_k2), or a DenseTransformer (qwen2,
+    llama), by config.json's model_type. dtype: cast the weights (default: as stored)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    config = ModelConfig.load(directory)
+    config = load_config(directory)
+    if isinstance(config, DenseConfig):
+        return _load_dense(directory, config, dtype, device)
     files = _TensorFiles(directory)
     present = _mtp_depths_present(files.keys(), config)
     if present < config.num_nextn_predict_layers and present == 0:
@@ -244,7 +359,10 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
 
 # ---------------------------------------------------------------------- writing
 def to_hf_state_dict(model: DeepSeekV3) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for every tensor of the released DeepSeek-V3 layout."""
+    """Yield (HF name, tensor) for every tensor of the released DeepSeek-V3 layout (a dense student's: its family's)."""
+    if isinstance(model.config, DenseConfig):
+        yield from _dense_hf_state_dict(model)
+        return
     config = model.config
     state = model.state_dict()
     for name, tensor in state.items():
@@ -295,12 +413,19 @@ def _quantized(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[st
 
 
 def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: int = 4 << 30,
-                    fp8: bool = False) -> None:
+                    fp8: bool = False, tokenizer_from: str | Path | None = None) -> None:
     """Write config.json and safetensors shards, atomically: a crash leaves the old directory (if any) intact.
 
     fp8: DeepSeek-V3's FP8 format: the linear weights of the blocks in float8_e4m3fn with a float32
     weight_scale_inv per 128x128 block, and config.json's quantization_config (see _FP8_EXPORTED).
+    tokenizer_from: a directory whose TOKENIZER_FILES (those it has) are copied in; for a dense student loaded
+    by load_pretrained, the directory it was loaded from unless given.
     """
+    dense = isinstance(model.config, DenseConfig)
+    if dense and fp8:
+        raise ValueError("fp8 export is DeepSeek-V3's block-wise format; a dense student is saved unquantized")
+    if tokenizer_from is None and dense:
+        tokenizer_from = getattr(model, "loaded_from", None)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -328,6 +453,10 @@ def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: i
         if fp8:
             hf_config["quantization_config"] = FP8_QUANTIZATION_CONFIG
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_from) / name, staging / name)
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

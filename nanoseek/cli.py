@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from nanoseek.config import PRESETS, ModelConfig, get_preset
+from nanoseek.config import DENSE_PRESETS, PRESETS, ModelConfig, get_preset
 from nanoseek.errors import NanoseekError
 from nanoseek.options import (HelpFormatter, add_dataclass_options, fraction, from_args, non_negative_float,
                               non_negative_int, positive_int, probability)
@@ -19,11 +19,15 @@ def _human(n: int) -> str:
 
 
 def info(args: argparse.Namespace) -> None:
+    from nanoseek.config import DenseConfig, load_config
     from nanoseek.model.params import count_parameters
 
-    config = ModelConfig.load(args.config) if args.config else get_preset(args.preset)
-    counts = count_parameters(config)
+    config = load_config(args.config) if args.config else get_preset(args.preset)
+    counts = count_parameters(config)  # from the module tree on the meta device
     name = args.config or args.preset
+    if isinstance(config, DenseConfig):
+        _dense_info(name, config, counts)
+        return
     moe = (f"{config.n_routed_experts} routed (top-{config.num_experts_per_tok}, {config.n_group} groups, "
            f"top-{config.topk_group} groups) + {config.n_shared_experts} shared, {config.scoring_func}"
            if config.n_routed_experts else "none (dense)")
@@ -38,6 +42,30 @@ def info(args: argparse.Namespace) -> None:
         ("activated/token", f"{_human(counts.activated)} ({counts.activated:,})"),
         ("MTP params", f"{_human(counts.mtp)} ({counts.mtp:,}; depth {config.num_nextn_predict_layers}, "
                        "embedding and head shared)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _dense_info(name: str, config, counts) -> None:
+    """`nanoseek info` of a dense student (a Qwen2 or Llama DenseConfig)."""
+    c = config
+    rope = (f"llama3 scaling x{c.rope_scaling.factor:g} from {c.rope_scaling.original_max_position_embeddings} "
+            f"(low/high freq factors {c.rope_scaling.low_freq_factor:g}/{c.rope_scaling.high_freq_factor:g})"
+            if c.rope_scaling else "unscaled")
+    biases = ("q/k/v/o" if c.o_proj_bias else "q/k/v") if c.attention_bias else "none"
+    rows = [
+        ("model", f"{name} ({c.architecture}, dense)"),
+        ("layers", f"{c.num_hidden_layers}, hidden {c.hidden_size}, FFN {c.intermediate_size} (SwiGLU)"),
+        ("attention", f"{c.num_attention_heads} query heads, {c.num_key_value_heads} key/value heads of "
+                      f"{c.head_dim} (GQA groups of {c.kv_groups}); biases: {biases}; "
+                      f"KV cache {2 * c.num_key_value_heads * c.head_dim} values/token/layer"),
+        ("positions", f"{c.max_position_embeddings}, RoPE theta {c.rope_theta:g}, {rope}"),
+        ("vocabulary", f"{c.vocab_size}, output head {'tied to' if c.tie_word_embeddings else 'separate from'} "
+                       "the embedding"),
+        ("total params", f"{_human(counts.total)} ({counts.total:,}; all activated, no MTP)"),
+        ("embedding", f"{_human(counts.embedding)} ({counts.embedding:,})"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -237,9 +265,9 @@ def evaluate(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _add_model_source(parser: argparse.ArgumentParser, preset: str) -> None:
+def _add_model_source(parser: argparse.ArgumentParser, preset: str, presets=PRESETS) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", default=preset, choices=list(PRESETS), help="a model preset")
+    source.add_argument("--preset", default=preset, choices=list(presets), help="a model preset")
     source.add_argument("--config", help="a config.json, or a checkpoint directory holding one (instead of --preset)")
 
 
@@ -312,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         return group.add_parser(name, help=about, description=about, formatter_class=HelpFormatter)
 
     p = command(sub, "info", "print a model's shape and parameter counts (no memory used)")
-    _add_model_source(p, "small")
+    _add_model_source(p, "small", {**PRESETS, **DENSE_PRESETS})  # DeepSeek's and the dense students
     p.set_defaults(func=info)
 
     from nanoseek.parallel.plan import Cluster, PlanLayout, Workload

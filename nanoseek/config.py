@@ -190,8 +190,10 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-            raise ConfigError(f"config.json has model_type {model_type!r}; nanoseek reads deepseek_v3/deepseek_v2")
+        if model_type not in DEEPSEEK_MODEL_TYPES:
+            raise ConfigError(f"config.json has model_type {model_type!r}; ModelConfig reads "
+                              f"{', '.join(DEEPSEEK_MODEL_TYPES)} (all that nanoseek reads: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}; load_config picks the config class)")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"invalid config field 'hidden_act' = {d['hidden_act']!r}: only 'silu' is supported")
         if d.get("attention_bias", False):
@@ -236,15 +238,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no model config at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        path, d = _read_config_json(path)
         try:
             return cls.from_hf_dict(d)
         except ConfigError as e:
@@ -273,6 +267,269 @@ def _yarn_from_dict(d: dict[str, Any]) -> YarnScaling:
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _read_config_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A config.json (or a directory holding one) -> its path and contents."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {path}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object of config fields")
+    return path, d
+
+
+# ---------------------------------------------------------------------- dense students (R1's distillation targets)
+@dataclass
+class Llama3Scaling:
+    """Llama 3.1's RoPE frequency scaling (`rope_scaling` with rope_type "llama3"): wavelengths shorter than
+    original_max_position_embeddings / high_freq_factor are kept, those longer than .../low_freq_factor are divided
+    by `factor`, and the ones between are interpolated smoothly (nanoseek/model/rope.py)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+DENSE_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+DENSE_MODEL_TYPES = tuple(DENSE_ARCHITECTURES)
+DEEPSEEK_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+SUPPORTED_MODEL_TYPES = DEEPSEEK_MODEL_TYPES + DENSE_MODEL_TYPES
+
+
+@dataclass
+class DenseConfig:
+    """A dense decoder of the Qwen2 or Llama family: the students DeepSeek-R1 was distilled into
+    (DeepSeek-R1-Distill-Qwen-1.5B/7B/14B/32B on Qwen2.5, -Llama-8B/70B on Llama 3.1/3.3).
+
+    Pre-norm blocks of grouped-query attention (RoPE on whole heads, rotate-half layout) and a SwiGLU FFN.
+    The two families differ only in their biases: Qwen2 has q/k/v biases and none on o_proj (always; its
+    config.json has no switch), Llama has `attention_bias` on all four projections (off in every released Llama).
+
+    Field names are those of transformers' Qwen2Config/LlamaConfig. head_dim and num_key_value_heads default
+    from the others (hidden_size / num_attention_heads, and multi-head attention) and are stored resolved, as
+    transformers does; attention_bias None means the family's own (Qwen2 on, Llama off).
+    """
+
+    model_type: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    attention_bias: bool | None = None  # q/k/v biases (Llama: and o_proj's)
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: Llama3Scaling | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    # What the shared training code (DeepSeekV3's forward and losses, the Trainer) reads of a config: a dense
+    # student has no MTP modules, no MoE layers, and so no balancing terms.
+    num_nextn_predict_layers = 0
+    num_moe_layers = 0
+    n_routed_experts = 0
+    mtp_loss_weight = 0.0
+    aux_loss_alpha = 0.0
+    bias_update_speed = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = _llama3_from_dict(self.rope_scaling)
+        need = partial(require, self)
+        need(self.model_type in DENSE_MODEL_TYPES, "model_type",
+             f"unsupported; the dense families nanoseek builds are {', '.join(DENSE_MODEL_TYPES)} "
+             f"(config.json model_types nanoseek reads: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if self.attention_bias is None:
+            self.attention_bias = self.model_type == "qwen2"
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            for name in ("hidden_size", "num_attention_heads"):
+                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
+                     "must be a positive integer")
+            need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+                 f"must divide hidden_size={self.hidden_size} when head_dim is not given")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    @property
+    def architecture(self) -> str:
+        """transformers' class of this family (config.json's `architectures`)."""
+        return DENSE_ARCHITECTURES[self.model_type]
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Whether the attention output projection has a bias: Llama's attention_bias covers it, Qwen2's does not."""
+        return bool(self.attention_bias) and self.model_type == "llama"
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def validate(self) -> None:
+        need = partial(require, self)
+
+        need(self.model_type in DENSE_MODEL_TYPES, "model_type",
+             f"unsupported; the dense families nanoseek builds are {', '.join(DENSE_MODEL_TYPES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                 "must be a positive integer")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"must divide num_attention_heads={self.num_attention_heads} (grouped-query attention shares each "
+             "key/value head among a whole group of query heads)")
+        need(self.head_dim % 2 == 0, "head_dim", "RoPE rotates pairs, so it must be even")
+        need(isinstance(self.attention_bias, bool), "attention_bias", "must be true or false")
+        need(self.model_type != "qwen2" or self.attention_bias, "attention_bias",
+             "Qwen2 always has q/k/v biases (transformers' Qwen2 has no switch for them); a student without them "
+             "is model_type 'llama'")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.initializer_range > 0, "initializer_range", "must be > 0")
+        need(self.bos_token_id is None or 0 <= self.bos_token_id < self.vocab_size, "bos_token_id",
+             f"must be a token id below {self.vocab_size} or null")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        need(all(e is None or (isinstance(e, int) and 0 <= e < self.vocab_size) for e in eos), "eos_token_id",
+             f"must be token ids below {self.vocab_size} or null")
+        if self.rope_scaling is not None:
+            r = self.rope_scaling
+            for name, ok, why in (
+                    ("factor", r.factor >= 1, "must be >= 1 (it divides the low frequencies)"),
+                    ("low_freq_factor", r.low_freq_factor > 0, "must be > 0"),
+                    ("high_freq_factor", r.high_freq_factor > r.low_freq_factor,
+                     f"must exceed low_freq_factor={r.low_freq_factor}"),
+                    ("original_max_position_embeddings", isinstance(r.original_max_position_embeddings, int)
+                     and r.original_max_position_embeddings > 0, "must be a positive integer")):
+                if not ok:
+                    raise ConfigError(f"invalid config field 'rope_scaling.{name}' = {getattr(r, name)!r}: {why}")
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json as transformers' Qwen2Config/LlamaConfig and the released R1-Distill checkpoints write it."""
+        d: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+        for f in dataclasses.fields(self):
+            if f.name not in ("model_type", "attention_bias", "rope_scaling"):
+                d[f.name] = getattr(self, f.name)
+        d["hidden_act"] = "silu"
+        d["attention_dropout"] = 0.0
+        d["use_cache"] = True
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        else:
+            d["rope_scaling"] = None
+        if self.model_type == "llama":
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = False
+            d["pretraining_tp"] = 1
+        else:
+            d["use_sliding_window"] = False
+            d["max_window_layers"] = self.num_hidden_layers
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> DenseConfig:
+        model_type = d.get("model_type")
+        if model_type not in DENSE_MODEL_TYPES:
+            raise ConfigError(f"config.json has model_type {model_type!r}; DenseConfig reads "
+                              f"{', '.join(DENSE_MODEL_TYPES)} (all that nanoseek reads: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"invalid config field 'hidden_act' = {d['hidden_act']!r}: only 'silu' is supported")
+        if d.get("mlp_bias", False):
+            raise ConfigError("invalid config field 'mlp_bias' = True: nanoseek's SwiGLU FFN has no biases")
+        if d.get("use_sliding_window", False):
+            raise ConfigError("invalid config field 'use_sliding_window' = True: sliding-window attention is not "
+                              "implemented (no released R1-Distill model uses it)")
+        if d.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"invalid config field 'partial_rotary_factor' = {d['partial_rotary_factor']!r}: "
+                              "RoPE rotates whole heads here")
+        missing = [name for name in _DENSE_SHAPE_FIELDS if name not in d]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)}: the model's shape (nanoseek does not guess it)")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "rope_theta", "attention_bias"}
+        kwargs: dict[str, Any] = {k: v for k, v in d.items() if k in names}
+        if model_type == "llama":
+            kwargs["attention_bias"] = d.get("attention_bias", False)
+        # transformers 4.x and the released checkpoints: rope_theta + rope_scaling; transformers 5.x: rope_parameters.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta"))
+        if theta is not None:
+            kwargs["rope_theta"] = theta
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "llama3":
+            kwargs["rope_scaling"] = _llama3_from_dict(rope)
+        elif kind != "default":
+            raise ConfigError(f"invalid config field 'rope_scaling.rope_type' = {kind!r}: supported are 'default' "
+                              "and 'llama3'")
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DenseConfig:
+        path, d = _read_config_json(path)
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def replace(self, **changes: Any) -> DenseConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_DENSE_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _llama3_from_dict(d: dict[str, Any]) -> Llama3Scaling:
+    kind = d.get("rope_type", d.get("type", "llama3"))
+    if kind != "llama3":
+        raise ConfigError(f"invalid config field 'rope_scaling.rope_type' = {kind!r}: a dense student's scaling is "
+                          "'llama3'")
+    known = {f.name for f in dataclasses.fields(Llama3Scaling)}
+    values = {k: v for k, v in d.items() if k in known and v is not None}
+    absent = sorted(known - set(values))
+    if absent:
+        raise ConfigError(f"invalid config field 'rope_scaling': llama3 scaling needs {', '.join(absent)}")
+    return Llama3Scaling(**values)
+
+
+AnyConfig = ModelConfig | DenseConfig
+
+
+def config_from_hf_dict(d: dict[str, Any]) -> AnyConfig:
+    """config.json's contents -> the config of its family, by model_type (DeepSeek's, or a dense student's)."""
+    model_type = d.get("model_type", "deepseek_v3")
+    if model_type in DENSE_MODEL_TYPES:
+        return DenseConfig.from_hf_dict(d)
+    if model_type in DEEPSEEK_MODEL_TYPES:
+        return ModelConfig.from_hf_dict(d)
+    raise ConfigError(f"config.json has model_type {model_type!r}, which nanoseek does not support; supported are "
+                      f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def load_config(path: str | Path) -> AnyConfig:
+    """The config.json at path (or in directory path), read as the config class of its model_type."""
+    path, d = _read_config_json(path)
+    try:
+        return config_from_hf_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------- presets
@@ -315,8 +572,45 @@ PRESETS: dict[str, ModelConfig] = {
     "v3-671b": ModelConfig(),
 }
 
+# Dense students (DenseConfig): R1's distillation targets. A registry of their own: what is built for DeepSeek-V3
+# alone (`nanoseek plan`, the parallel trainer) offers PRESETS; get_preset and `nanoseek info` read both.
+DENSE_PRESETS: dict[str, DenseConfig] = {
+    # Test-sized Qwen2: biases, 2 query heads per key/value head, untied head (~0.1M params).
+    "qwen2-tiny": DenseConfig(
+        model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+    ),
+    # The CPU demo student: a Qwen2.5-shaped model of the `small` preset's vocabulary (3.5M params): 4 query heads
+    # of 32 per key/value head, tied embeddings as the small Qwen2.5 models have.
+    "qwen2-small": DenseConfig(
+        model_type="qwen2", vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=2048,
+        bos_token_id=0, eos_token_id=1,
+    ),
+    # The released configs of the distilled students, as recalled (no network here to check them against
+    # huggingface.co/deepseek-ai/DeepSeek-R1-Distill-*/config.json): the shapes are confirmed by the parameter
+    # counts they give, which equal the released models' (1,777,088,000 and 8,030,261,248; tests/test_dense.py).
+    # Not confirmed by a count: rope_theta, rms_norm_eps, max_position_embeddings and the bos/eos ids.
+    # DeepSeek-R1-Distill-Qwen-1.5B (from Qwen2.5-Math-1.5B): untied head, q/k/v biases.
+    "r1-distill-qwen-1.5b": DenseConfig(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=131072, bos_token_id=151643, eos_token_id=151643,
+    ),
+    # DeepSeek-R1-Distill-Llama-8B (from Llama-3.1-8B): Llama 3.1's RoPE scaling, no biases, untied head.
+    "r1-distill-llama-8b": DenseConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, attention_bias=False, tie_word_embeddings=False,
+        rope_theta=500000.0, rope_scaling=Llama3Scaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=8192),
+        rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001,
+    ),
+}
 
-def get_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+
+def get_preset(name: str) -> AnyConfig:
+    """A copy of the preset `name`: DeepSeek's (PRESETS, a ModelConfig) or a dense student's (DENSE_PRESETS)."""
+    presets = {**PRESETS, **DENSE_PRESETS}
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+    return dataclasses.replace(presets[name])

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import DenseConfig, ModelConfig
+from nanoseek.model.dense import build_model
 from nanoseek.model.moe import RoutedExperts
-from nanoseek.model.transformer import DeepSeekV3
 
 
 @dataclass
@@ -23,9 +23,11 @@ class ParameterCounts:
         return self.activated - self.embedding
 
 
-def count_parameters(config: ModelConfig) -> ParameterCounts:
+def count_parameters(config: ModelConfig | DenseConfig) -> ParameterCounts:
+    """A dense student (DenseConfig) activates all of its parameters and has no MTP modules. A tied output head
+    is the embedding, counted once."""
     with torch.device("meta"):
-        model = DeepSeekV3(config)
+        model = build_model(config)
     mtp_ids = {id(p) for p in model.mtp.parameters()}
     total = sum(p.numel() for p in model.parameters() if id(p) not in mtp_ids)
     inactive = 0
@@ -38,7 +40,7 @@ def count_parameters(config: ModelConfig) -> ParameterCounts:
                            mtp=sum(p.numel() for p in model.mtp.parameters()))
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+def flops_per_token(config: ModelConfig | DenseConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 N (activated, input embedding excluded) + 6 L S H (d_qk + d_v) for attention.
 
     The formula of ../shared/anchors (a causal mask halves the attention term in practice; like the anchor,
@@ -46,4 +48,5 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """
     c = config
     n = count_parameters(c).activated_without_embedding
-    return 6 * n + 6 * c.num_hidden_layers * seq_len * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+    qk_v = 2 * c.head_dim if isinstance(c, DenseConfig) else c.qk_head_dim + c.v_head_dim
+    return 6 * n + 6 * c.num_hidden_layers * seq_len * c.num_attention_heads * qk_v

@@ -1,4 +1,5 @@
-"""Rotary position embedding for MLA's decoupled key/query part, with DeepSeek's YaRN extension."""
+"""Rotary position embedding: MLA's decoupled key/query part with DeepSeek's YaRN extension, and the dense
+students' whole heads with Llama 3.1's frequency scaling."""
 
 from __future__ import annotations
 
@@ -6,20 +7,24 @@ import math
 
 import torch
 
-from nanoseek.config import ModelConfig, YarnScaling, yarn_mscale
+from nanoseek.config import DenseConfig, Llama3Scaling, ModelConfig, YarnScaling, yarn_mscale
 from nanoseek.model.layers import Float32Buffers
 
 
-def inverse_frequencies(dim: int, theta: float, yarn: YarnScaling | None) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(dim: int, theta: float,
+                        yarn: YarnScaling | Llama3Scaling | None) -> tuple[torch.Tensor, float]:
     """(dim/2,) inverse frequencies and the factor cos/sin are multiplied by.
 
     YaRN keeps the high frequencies (many rotations within the original context) as they are, divides the
-    low ones by `factor`, and ramps linearly between the two over the dimensions [low, high].
+    low ones by `factor`, and ramps linearly between the two over the dimensions [low, high]. Llama 3's
+    scaling (llama3_frequencies) does the same by wavelength, with no factor on cos/sin.
     """
     exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim
     inv_freq = 1.0 / theta**exponent
     if yarn is None:
         return inv_freq.float(), 1.0
+    if isinstance(yarn, Llama3Scaling):
+        return llama3_frequencies(inv_freq, yarn).float(), 1.0
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -35,13 +40,29 @@ def inverse_frequencies(dim: int, theta: float, yarn: YarnScaling | None) -> tup
     return inv_freq.float(), attention_factor
 
 
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: Llama3Scaling) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of inverse frequencies (as Meta's reference and transformers' "llama3").
+
+    By wavelength 2 pi / f against the original context L: shorter than L / high_freq_factor (many rotations
+    within it) kept; longer than L / low_freq_factor divided by `factor`; between, interpolated with the weight
+    s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor) on the kept frequency.
+    """
+    context = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelength < context / scaling.high_freq_factor, inv_freq, scaled)
+    return torch.where(wavelength > context / scaling.low_freq_factor, inv_freq / scaling.factor, scaled)
+
+
 class RotaryEmbedding(Float32Buffers):
     float32_buffers = ("inv_freq",)
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig | DenseConfig):
         super().__init__()
-        inv_freq, self.attention_factor = inverse_frequencies(
-            config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
+        # MLA rotates a decoupled slice of qk_rope_head_dim per head; a dense student whole heads.
+        dim = config.head_dim if isinstance(config, DenseConfig) else config.qk_rope_head_dim
+        inv_freq, self.attention_factor = inverse_frequencies(dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()

@@ -35,13 +35,17 @@ class LatentCache(Protocol):
 class Block(nn.Module):
     """Pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(x)); the FFN is MoE past the dense layers."""
 
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, attention: nn.Module | None = None,
+                 mlp: nn.Module | None = None):
+        """attention, mlp: other modules than MLA and DeepSeek's FFN/MoE (a dense student's, model/dense.py)."""
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(config)
+        self.self_attn = MultiHeadLatentAttention(config) if attention is None else attention
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_id) else FeedForward(config.hidden_size,
-                                                                                  config.intermediate_size)
+        if mlp is None:
+            mlp = MoE(config) if config.is_moe_layer(layer_id) else FeedForward(config.hidden_size,
+                                                                                 config.intermediate_size)
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCacheLayer | None = None):
         """-> x, and for an MoE block its tokens per expert and balance loss (else None, None)."""
@@ -105,9 +109,12 @@ def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Ten
 class DeepSeekV3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if type(self) is DeepSeekV3 and not isinstance(config, ModelConfig):
+            raise TypeError(f"DeepSeekV3 takes a ModelConfig, not a {type(config).__name__}: build a dense student "
+                            "with nanoseek.model.build_model(config) (or DenseTransformer)")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_block(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -118,6 +125,10 @@ class DeepSeekV3(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
+    def make_block(self, layer_id: int) -> Block:
+        """Main block layer_id (a dense student's are DenseBlocks: model/dense.py)."""
+        return Block(self.config, layer_id)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         std = self.config.initializer_range
@@ -131,6 +142,8 @@ class DeepSeekV3(nn.Module):
                 nn.init.ones_(module.weight)
             if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
+            if isinstance(module, nn.Linear) and module.bias is not None:  # a dense student's attention biases
+                nn.init.zeros_(module.bias)
 
     def routers(self) -> list[Router]:
         """The MoE routers in forward order (main layers, then MTP), matching LossOutput.expert_counts rows."""
