@@ -1,7 +1,12 @@
 """The tokenizer: byte-level BPE (HF `tokenizers`) with DeepSeek-V3/R1's special tokens and chat template.
 
 `Tokenizer.train` builds a small one (digits split one per token, exact round trip of any text);
-`Tokenizer.load` reads any HF `tokenizer.json`, a released DeepSeek-V3/R1 one included.
+`Tokenizer.load` reads any HF `tokenizer.json`, a released DeepSeek-V3/R1 one included, and the chat template of
+its directory when it has one (a Hugging Face checkpoint's own Jinja template, see data/template.py).
+
+Two chat formats: DeepSeek-V3/R1's, written here in Python (`chat_pieces`, `apply_chat_template`), which
+nanoseek's own checkpoints use (they hold no Jinja template) and SFT trains on; and a checkpoint's own template,
+which `Tokenizer.render_chat`/`encode_chat` use when the tokenizer was loaded with one, else DeepSeek's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nanoseek.data.template import ChatTemplate
 from nanoseek.errors import NanoseekError
 
 # DeepSeek-V3/R1's strings: the bars are FULLWIDTH VERTICAL LINE (U+FF5C), the spaces LOWER ONE EIGHTH BLOCK (U+2581).
@@ -135,13 +141,15 @@ def apply_chat_template(messages: Sequence[dict], add_generation_prompt: bool = 
 
 
 class Tokenizer:
-    """A HF `tokenizers.Tokenizer` with DeepSeek's special tokens found by their strings."""
+    """A HF `tokenizers.Tokenizer` with DeepSeek's special tokens found by their strings, and the checkpoint's own
+    chat template (`chat_template`, None when it has none)."""
 
-    apply_chat_template = staticmethod(apply_chat_template)
+    apply_chat_template = staticmethod(apply_chat_template)  # DeepSeek's format, whatever the checkpoint's template
 
-    def __init__(self, tokenizer: HFTokenizer, source: str = "tokenizer"):
+    def __init__(self, tokenizer: HFTokenizer, source: str = "tokenizer", chat_template: ChatTemplate | None = None):
         self._tok = tokenizer
         self._source = source
+        self.chat_template = chat_template
         missing = [t for t in (BOS, EOS) if tokenizer.token_to_id(t) is None]
         if missing:
             raise TokenizerError(f"{source} has no {' or '.join(map(repr, missing))} token "
@@ -165,7 +173,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """A `tokenizer.json` file, or a directory that holds one."""
+        """A `tokenizer.json` file, or a directory that holds one; the chat template of that directory
+        (tokenizer_config.json's `chat_template`, chat_template.jinja, ...: see `ChatTemplate.find`) is kept as
+        `chat_template` when it has one. A template file that cannot be read is a ChatTemplateError naming it."""
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
@@ -175,7 +185,7 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception for malformed files
             raise TokenizerError(f"{file} is not a valid tokenizer.json ({e})") from None
-        return cls(tok, source=str(file))
+        return cls(tok, source=str(file), chat_template=ChatTemplate.find(file.parent))
 
     def save(self, path: str | Path) -> Path:
         """Write `tokenizer.json` (into `path` if it is a directory, else to `path` itself); returns the file."""
@@ -186,6 +196,26 @@ class Tokenizer:
         self._tok.save(str(tmp))
         os.replace(tmp, file)
         return file
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool = True,
+                    **extra) -> str:
+        """A conversation as text, in the checkpoint's own chat template when it has one (as transformers'
+        `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` writes it; `extra` are more
+        template variables, e.g. Qwen3's enable_thinking=False; `thinking` is not passed: the template decides, as
+        R1's opens `<think>\n` itself), else in DeepSeek-V3/R1's (`apply_chat_template`: `thinking` opens
+        `<think>\n` after the generation prompt; no extra variables). Either writes its own bos where it has one."""
+        if self.chat_template is None:
+            if extra:
+                raise TypeError(f"DeepSeek's built-in chat template takes no variables ({', '.join(extra)}); only "
+                                "a checkpoint's own template does")
+            return apply_chat_template(messages, add_generation_prompt, thinking)
+        return self.chat_template.render(messages, add_generation_prompt, **extra)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, thinking: bool = True,
+                    **extra) -> list[int]:
+        """`render_chat`'s text as token ids (no bos added: the template writes it), as transformers'
+        `apply_chat_template(..., tokenize=True)` encodes it."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, thinking, **extra))
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings inside it become their single ids."""

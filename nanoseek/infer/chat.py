@@ -24,9 +24,12 @@ from nanoseek.infer.engine import Completion, Engine, SamplingParams
 TEMPLATES = ("chat", "question", "r1-zero", "raw")
 
 
-def render_prompt(messages: list[dict], template: str) -> str:
-    """The text the model continues; every template but `chat` uses the last user message only."""
+def render_prompt(messages: list[dict], template: str, tokenizer: Tokenizer | None = None) -> str:
+    """The text the model continues; every template but `chat` uses the last user message only. `chat` is the
+    checkpoint's own chat template when its tokenizer has one (a Hugging Face student's), else DeepSeek's."""
     if template == "chat":
+        if tokenizer is not None:
+            return tokenizer.render_chat(messages, add_generation_prompt=True, thinking=True)
         return apply_chat_template(messages, add_generation_prompt=True, thinking=True)
     text = messages[-1]["content"]
     if template == "question":
@@ -39,13 +42,13 @@ def render_prompt(messages: list[dict], template: str) -> str:
 
 
 def encode_prompt(tokenizer: Tokenizer, messages: list[dict], template: str) -> list[int]:
-    text = render_prompt(messages, template)
+    text = render_prompt(messages, template, tokenizer)
     return tokenizer.encode(text, bos=template != "chat")  # the chat template writes its own bos
 
 
-def opens_thinking(messages: list[dict], template: str) -> bool:
+def opens_thinking(messages: list[dict], template: str, tokenizer: Tokenizer | None = None) -> bool:
     """Whether the prompt ends inside <think>, so that the completion starts with reasoning."""
-    return render_prompt(messages, template).rstrip().endswith(THINK)
+    return render_prompt(messages, template, tokenizer).rstrip().endswith(THINK)
 
 
 def split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
@@ -94,7 +97,7 @@ def generate_file(engine: Engine, tokenizer: Tokenizer, prompts: list[str], out:
     rows = []
     for prompt, conversation, result in zip(prompts, conversations, results, strict=True):
         reasoning, content = split_reasoning(completion_text(tokenizer, result, params),
-                                             opens_thinking(conversation, template))
+                                             opens_thinking(conversation, template, tokenizer))
         rows.append(json.dumps({"prompt": prompt, "reasoning_content": reasoning, "content": content,
                                 "finish_reason": result.finish_reason, "tokens": len(result.tokens)}) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +181,7 @@ def chat(engine: Engine, tokenizer: Tokenizer, template: str, params: SamplingPa
         reply = _stream_reply(engine, tokenizer, encode_prompt(tokenizer, messages, template), params,
                               ThinkingPrinter(out, color))
         # Like DeepSeek's own template, the history keeps the answer, not the reasoning.
-        answer = split_reasoning(reply, opens_thinking(messages, template))[1]
+        answer = split_reasoning(reply, opens_thinking(messages, template, tokenizer))[1]
         messages.append({"role": "assistant", "content": answer})
 
 
