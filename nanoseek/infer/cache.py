@@ -1,29 +1,46 @@
-"""The MLA latent KV cache: per layer and slot, only the normalised KV latent and the rotated shared RoPE key.
+"""Inference KV caches: per layer and slot (one running sequence), what attention needs of the tokens so far.
 
-kv_lora_rank + qk_rope_head_dim values per token per layer (576 for DeepSeek-V3, against 2 x 128 x 128 = 32,768
-for the up-projected keys and values of standard multi-head attention). Reserved up front for `slots`
-sequences of at most `max_len` tokens each; a slot is one running sequence.
+Two caches behind one interface (SlotCache: bind, positions, layer, advance, move, reset), differing only in
+the tensors they store:
+
+- LatentKVCache, MLA's (DeepSeek-V3): only the normalised KV latent and the rotated shared RoPE key,
+  kv_lora_rank + qk_rope_head_dim values per token per layer (576 for DeepSeek-V3, against 2 x 128 x 128 = 32,768
+  for the up-projected keys and values of standard multi-head attention).
+- GQAKVCache, a dense student's (Qwen2/Llama, model/dense.py): the rotated keys and the values of the
+  num_key_value_heads heads, 2 x kv_heads x head_dim values per token per layer (512 for R1-Distill-Qwen-1.5B).
+
+`make_cache(config, ...)` picks the one a model config needs. Reserved up front for `slots` sequences of at most
+`max_len` tokens each. Every store is laid out (layers, slots, ..., max_len, values) (the token axis second to
+last), and a layer's update writes each new tensor (B, S, ..., values) at the rows' next positions and returns
+each store's rows up to the attended span, with the attention mask: one layer view serves both caches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Self
 
 import torch
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import DenseConfig, ModelConfig
+
+__all__ = ["CacheLayer", "GQAKVCache", "LatentKVCache", "SlotCache", "make_cache"]
 
 
-class LatentKVCache:
-    def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, layers: int | None = None, static_span: bool = False):
-        layers = config.num_hidden_layers if layers is None else layers  # 1 for an MTP module's own cache
+class SlotCache:
+    """The bookkeeping shared by the caches: tokens cached per slot, the rows the next forward works on, their
+    positions, and slot moves. Subclasses only allocate their stores: tensors of (layers, slots, ..., max_len, d)."""
+
+    def __init__(self, stores: Sequence[torch.Tensor], max_len: int, static_span: bool = False):
+        self._stores = tuple(stores)
+        layers, slots = self._stores[0].shape[:2]
+        device = self._stores[0].device
+        if any(s.shape[:2] != (layers, slots) or s.shape[-2] != max_len for s in self._stores):
+            raise ValueError("cache stores must all be (layers, slots, ..., max_len, values)")
         self.max_len = max_len
         # static_span: attend over all max_len entries (masked) instead of up to the longest row, so a forward's
         # shapes never depend on the data and no length is read back to the host (what CUDA graphs need).
         self.static_span = static_span
-        self.latent = torch.zeros(layers, slots, max_len, config.kv_lora_rank, device=device, dtype=dtype)
-        self.k_rope = torch.zeros(layers, slots, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens cached per slot
         self.active = torch.arange(slots, device=device)  # the slots (rows) the next forward works on
         self.rows: slice | torch.Tensor = slice(0, slots)  # the same as an index: a slice where they are consecutive
@@ -33,13 +50,13 @@ class LatentKVCache:
     @property
     def values_per_token(self) -> int:
         """Cached values per token, all layers together."""
-        return self.latent.shape[0] * (self.latent.shape[-1] + self.k_rope.shape[-1])
+        return sum(s.numel() for s in self._stores) // (self.lengths.shape[0] * self.max_len)
 
     @property
     def bytes_reserved(self) -> int:
-        return (self.latent.numel() + self.k_rope.numel()) * self.latent.element_size()
+        return sum(s.numel() * s.element_size() for s in self._stores)
 
-    def bind(self, slots: torch.Tensor | Sequence[int]) -> LatentKVCache:
+    def bind(self, slots: torch.Tensor | Sequence[int]) -> Self:
         """Select the rows of the next forward (in the order of its batch). Slots given as host integers that are
         consecutive are read as a view of the cache; other slots are gathered (copied) at every layer."""
         if isinstance(slots, torch.Tensor):
@@ -54,8 +71,8 @@ class LatentKVCache:
     def move(self, source: int, target: int) -> None:
         """Move slot source's sequence into slot target (whose sequence is dropped); source is then free."""
         n = int(self.lengths[source])
-        self.latent[:, target, :n] = self.latent[:, source, :n]
-        self.k_rope[:, target, :n] = self.k_rope[:, source, :n]
+        for store in self._stores:
+            store[:, target, ..., :n, :] = store[:, source, ..., :n, :]
         self.lengths[target] = n
         self.lengths[source] = 0
 
@@ -73,8 +90,8 @@ class LatentKVCache:
             raise ValueError(f"a sequence would reach {self._span} tokens; this cache holds {self.max_len}")
         return self._positions
 
-    def layer(self, index: int) -> _LayerView:
-        return _LayerView(self, index)
+    def layer(self, index: int) -> CacheLayer:
+        return CacheLayer(self, index)
 
     def advance(self, counts: torch.Tensor | int) -> None:
         """After a forward: each active slot now holds `counts` more tokens (a prompt's true length, or 1;
@@ -82,15 +99,59 @@ class LatentKVCache:
         self.lengths[self.rows] += counts
 
 
-class _LayerView:
-    def __init__(self, cache: LatentKVCache, index: int):
+class CacheLayer:
+    """One layer's view of a cache: update(*new) stores one new tensor per store and returns them all cached."""
+
+    def __init__(self, cache: SlotCache, index: int):
         self.cache, self.index = cache, index
 
-    def update(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """new: one tensor (B, S, ..., d) per store (the store's layout without its token axis moved) -> each store's
+        rows up to the attended span (B, ..., T, d), and the attention mask (B, S, T), True where a query may see a
+        key. A query sees the keys at or before its position; entries beyond a row's length hold stale values (a
+        right-padded prompt's pads, a dropped draft), masked until they are overwritten."""
         c, pos, span = self.cache, self.cache._positions, self.cache._span
+        if len(new) != len(c._stores):
+            raise ValueError(f"this cache stores {len(c._stores)} tensors per token; update got {len(new)}")
         rows = c.active[:, None]
-        c.latent[self.index, rows, pos] = latent.to(c.latent.dtype)
-        c.k_rope[self.index, rows, pos] = k_rope.to(c.k_rope.dtype)
-        # A query sees the keys at or before its position; slots beyond a row's length hold stale values.
+        cached = []
+        for store, values in zip(c._stores, new):
+            layer = store[self.index]
+            layer[rows, ..., pos, :] = values.to(layer.dtype)
+            cached.append(layer[c.rows, ..., :span, :])
         mask = torch.arange(span, device=pos.device)[None, None, :] <= pos[:, :, None]  # (B, S, span)
-        return c.latent[self.index, c.rows, :span], c.k_rope[self.index, c.rows, :span], mask
+        return (*cached, mask)
+
+
+class LatentKVCache(SlotCache):
+    """MLA's cache: per layer the latent (slots, max_len, kv_lora_rank) and the RoPE key (slots, max_len,
+    rope_dim). A layer's update(latent (B, S, r), k_rope (B, S, rope_dim)) -> (latent (B, T, r), k_rope
+    (B, T, rope_dim), mask (B, S, T))."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, layers: int | None = None, static_span: bool = False):
+        layers = config.num_hidden_layers if layers is None else layers  # 1 for an MTP module's own cache
+        self.latent = torch.zeros(layers, slots, max_len, config.kv_lora_rank, device=device, dtype=dtype)
+        self.k_rope = torch.zeros(layers, slots, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+        super().__init__((self.latent, self.k_rope), max_len, static_span)
+
+
+class GQAKVCache(SlotCache):
+    """A grouped-query attention's cache: per layer the rotated keys and the values (slots, kv_heads, max_len,
+    head_dim), head-major so that a row's heads are the (B, kv_heads, T, head_dim) SDPA takes without a copy.
+    A layer's update(k, v (B, S, kv_heads, head_dim)) -> (k, v (B, kv_heads, T, head_dim), mask (B, S, T))."""
+
+    def __init__(self, config: DenseConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, layers: int | None = None, static_span: bool = False):
+        layers = config.num_hidden_layers if layers is None else layers
+        shape = (layers, slots, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        super().__init__((self.k, self.v), max_len, static_span)
+
+
+def make_cache(config: ModelConfig | DenseConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32, layers: int | None = None) -> SlotCache:
+    """The cache a model of `config` attends with: MLA's latent cache, or a dense student's key/value cache."""
+    cls = GQAKVCache if isinstance(config, DenseConfig) else LatentKVCache
+    return cls(config, slots, max_len, device, dtype, layers)

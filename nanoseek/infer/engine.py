@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.cache import LatentKVCache
+from nanoseek.infer.cache import SlotCache, make_cache
 from nanoseek.infer.sampling import Completion, SamplingParams, append_token, cut_after_stop, sample
 from nanoseek.infer.speculative import MTPSpeculator
 from nanoseek.model import DeepSeekV3
@@ -94,7 +94,8 @@ class Engine:
         max_len = max_len or min(model.config.max_position_embeddings, 4096)
         static = self.device.type == "cuda" if static_decode is None else static_decode
         # A static decode pads its batch with rows that write into one extra scratch slot, never a request's.
-        self.cache = LatentKVCache(model.config, max_batch + static, max_len, self.device, param.dtype)
+        # The cache is the model's kind: MLA's latent cache, or a dense student's key/value cache.
+        self.cache = make_cache(model.config, max_batch + static, max_len, self.device, param.dtype)
         self.max_batch = max_batch
         with eval_mode(model):  # CUDA graphs record the forward of the mode they are captured in
             self._decode_graphs = DecodeGraphs(model, self.cache, max_batch) if static else None
@@ -297,7 +298,7 @@ class DecodeGraphs:
     and attention spans the whole cache. On CUDA each size is captured once in a CUDA graph and replayed; on
     other devices the same padded forward runs eagerly (how the CPU tests check it)."""
 
-    def __init__(self, model: DeepSeekV3, cache: LatentKVCache, max_batch: int):
+    def __init__(self, model: DeepSeekV3, cache: SlotCache, max_batch: int):
         self.model, self.cache = model, cache
         self.scratch = cache.lengths.shape[0] - 1
         self.sizes = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})

@@ -105,6 +105,15 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(torch.einsum("bshr,hvr->bshv", out, w_uv).flatten(2))
 
 
+class KVCacheLayer(Protocol):
+    """One layer's view of a key/value cache of a dense student (model/dense.py; nanoseek/infer/cache.py's GQAKVCache implements it)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new tokens' rotated keys and values (B, S, kv_heads, d); return everything cached for these
+        rows, keys and values (B, kv_heads, T, d), and the attention mask (B, S, T)."""
+        ...
+
+
 class LatentCacheLayer(Protocol):
     """One layer's view of a latent KV cache (nanoseek/infer/cache.py implements it)."""
 

@@ -15,21 +15,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import LatentCacheLayer, MultiHeadLatentAttention
+from nanoseek.model.attention import KVCacheLayer, LatentCacheLayer, MultiHeadLatentAttention
 from nanoseek.model.layers import FeedForward, RMSNorm
 from nanoseek.model.losses import IGNORE_INDEX, linear_cross_entropy, mtp_linear_cross_entropy
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.rope import RotaryEmbedding
 
 
-class LatentCache(Protocol):
-    """What the model needs from an inference cache (nanoseek/infer/cache.py implements it)."""
+class InferenceCache(Protocol):
+    """What the model needs from an inference cache (nanoseek/infer/cache.py implements it: MLA's latent cache,
+    whose layers are LatentCacheLayers, or a dense student's key/value cache, whose layers are KVCacheLayers)."""
 
     def positions(self, seq_len: int) -> torch.Tensor:
         """(B, seq_len) positions of the next seq_len tokens of each row."""
         ...
 
-    def layer(self, index: int) -> LatentCacheLayer: ...
+    def layer(self, index: int) -> LatentCacheLayer | KVCacheLayer: ...
 
 
 class Block(nn.Module):
@@ -47,7 +48,8 @@ class Block(nn.Module):
                                                                                  config.intermediate_size)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCacheLayer | None = None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCacheLayer | KVCacheLayer | None = None):
         """-> x, and for an MoE block its tokens per expert and balance loss (else None, None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         h = self.post_attention_layernorm(x)
@@ -161,7 +163,7 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------------ the pieces of the forward
     # forward, compute_loss and the pipeline's chunks (parallel/pipeline.py) are all built from these.
-    def rope(self, seq_len: int, cache: LatentCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, seq_len: int, cache: InferenceCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (1, S, rope_dim/2) of positions 0..S-1, or with a cache (B, S, rope_dim/2): each row continues
         from where its cache ends."""
         if cache is not None:
@@ -171,7 +173,7 @@ class DeepSeekV3(nn.Module):
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    layer_ids: Iterable[int] | None = None,
-                   cache: LatentCache | None = None) -> tuple[torch.Tensor, dict[int, Routed]]:
+                   cache: InferenceCache | None = None) -> tuple[torch.Tensor, dict[int, Routed]]:
         """The blocks layer_ids (default: all, in order) on x (B, S, H) -> x (B, S, H), and each MoE layer's Routed."""
         routed: dict[int, Routed] = {}
         for i in range(len(self.layers)) if layer_ids is None else layer_ids:
@@ -216,7 +218,7 @@ class DeepSeekV3(nn.Module):
         return lm_loss, depth_loss, routed
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, cache: LatentCache | None = None,
+    def forward(self, input_ids: torch.Tensor, return_mtp: bool = False, cache: InferenceCache | None = None,
                 return_hidden: bool = False):
         """input_ids (B, S) -> logits (B, S, V); with return_mtp, also a list of D tensors (B, S-k, V).
 
@@ -237,7 +239,7 @@ class DeepSeekV3(nn.Module):
         depths, _ = self.run_mtp(hidden, input_ids, cos, sin)
         return logits, [self.lm_head(h) for h in depths]
 
-    def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+    def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         """Speculative decoding's draft: the first MTP module at positions t, from the main model's hidden h_t
         (B, S, H) and the token t+1 (B, S), with its own cache (positions continue from it) -> logits for
         token t+2 (B, S, V)."""

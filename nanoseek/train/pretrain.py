@@ -22,7 +22,7 @@ from nanoseek.data.shards import TokenLoader, heldout_batches, prepare_documents
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import EvalConfig, evaluate, heldout_problems
-from nanoseek.model import DeepSeekV3
+from nanoseek.model import DeepSeekV3, build_model
 from nanoseek.model.params import flops_per_token
 from nanoseek.options import add_dataclass_options, from_args
 from nanoseek.train.loop import (LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, add_resume_option,
@@ -238,7 +238,7 @@ def pretrain(config: PretrainConfig | None = None, train: TrainConfig | None = N
     model_config = preset.replace(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                   eos_token_id=tokenizer.eos_id)
     torch.manual_seed(train.seed)
-    model = DeepSeekV3(model_config)
+    model = build_model(model_config)  # a DenseTransformer for a dense student's preset (qwen2-small)
     loader = TokenLoader(data_dir, "train", seq_len=config.seq_len, seed=train.seed)
     stage = LanguageModelStage(loader, config, model_config, heldout_data=data_dir)
     trainer = Trainer(model, stage, train, model_files={"tokenizer.json": data_dir / "tokenizer.json"})
