@@ -178,3 +178,32 @@ def test_pretrain_passes_chinese_rate_to_the_corpus(tmp_path, monkeypatch):
     pretrain.prepare_data(config, tmp_path / "data", 300, seed=0)
     assert seen == [1.0, 100]
     assert pretrain.PretrainConfig().chinese_rate == 0.0
+
+
+def test_chat_documents_are_deepseek_chat_turns():
+    """chat_rate: that share of the documents is one DeepSeek chat turn (the rendering `nanoseek sft` trains on,
+    without the bos/eos the packing adds); the problems and which are worked do not change."""
+    from nanoseek.data.tokenizer import BOS, EOS, apply_chat_template
+
+    plain = list(tasks.corpus(2000, seed=3, difficulty=1, direct_rate=0.5))
+    mixed = list(tasks.corpus(2000, seed=3, difficulty=1, direct_rate=0.5, chat_rate=0.3))
+    chat = [i for i, doc in enumerate(mixed) if doc.startswith("<｜User｜>")]
+    assert 0.26 < len(chat) / len(mixed) < 0.34
+    for i, (before, after) in enumerate(zip(plain, mixed, strict=True)):
+        if i not in chat:
+            assert after == before
+            continue
+        question = before.removeprefix("Question: ").split("\n<think>\n")[0]
+        thought, answer = before.split("\n<think>\n")[1].split("\n</think>\n")
+        expected = apply_chat_template([{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer, "reasoning_content": thought}],
+                                       add_generation_prompt=False)
+        assert BOS + after + EOS == expected
+        assert tasks.extract_answer(after) == tasks.extract_answer(before)
+
+
+def test_chat_rate_out_of_range_is_refused(capsys):
+    with pytest.raises(ValueError, match="chat_rate must be between 0 and 1"):
+        next(tasks.corpus(1, chat_rate=1.5))
+    assert main(["pretrain", "--chat-rate", "2"]) == 2
+    assert "chat_rate 2.0 must be between 0 and 1" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from nanoseek.data.language import narrate_in_chinese
+from nanoseek.data.tokenizer import BOS, EOS, apply_chat_template
 
 DIFFICULTIES = (1, 2, 3)
 LEVEL_WEIGHTS = (0.7, 0.2, 0.1)  # how often a mixed draw (difficulty=None) picks each level
@@ -510,16 +511,24 @@ DIRECT_ANSWER = "The answer is"  # how a document without worked steps opens its
 
 
 def format_document(problem: Problem, worked: bool = True, chinese_share: float = 0.0,
-                    rng: random.Random | None = None) -> str:
+                    rng: random.Random | None = None, chat: bool = False) -> str:
     """The pretraining text of one problem, in the R1-Zero answer format: the worked steps, or (worked=False)
     only a one-line guess of the answer, as text that states answers without working shows them.
     chinese_share: the probability that each line of worked steps is narrated in Chinese (language.py; at
     least one line when it is above 0; rng draws the lines, not needed for 0 or 1); the question, the direct
-    answer's line and the <answer> stay as they are."""
+    answer's line and the <answer> stay as they are.
+    chat: as one DeepSeek chat turn instead (data/tokenizer.apply_chat_template: the question as the user's
+    message, the steps as the assistant's reasoning, the <answer> as its reply), without the bos and eos that the
+    packing puts around every document."""
     if worked:
         thought = narrate_in_chinese(problem.steps, chinese_share, rng, at_least_one=True)
     else:
         thought = f"{DIRECT_ANSWER} {problem.answer}."
+    if chat:
+        turn = apply_chat_template([{"role": "user", "content": problem.question},
+                                    {"role": "assistant", "content": f"<answer>{problem.answer}</answer>",
+                                     "reasoning_content": thought}], add_generation_prompt=False)
+        return turn.removeprefix(BOS).removesuffix(EOS)
     return f"{format_prompt(problem)}{thought}\n</think>\n<answer>{problem.answer}</answer>"
 
 
@@ -536,18 +545,22 @@ CHINESE_SHARE = (0.3, 1.0)  # the range of a Chinese-narrated document's share o
 
 
 def corpus(n_docs: int, seed: int = 0, tasks: list[str] | None = None, split: str = "train",
-           difficulty: int | None = None, direct_rate: float = 0.0, chinese_rate: float = 0.0) -> Iterator[str]:
+           difficulty: int | None = None, direct_rate: float = 0.0, chinese_rate: float = 0.0,
+           chat_rate: float = 0.0) -> Iterator[str]:
     """n_docs pretraining documents, each of a task drawn uniformly from `tasks` (default: all),
     deterministic from the arguments; a share `direct_rate` of them state the answer without the steps.
 
     chinese_rate: the share of the worked documents whose steps are narrated partly or wholly in Chinese
     (R1-Zero's language mixing, for R1's language-consistency reward): each of them a random share of its lines,
     uniform in CHINESE_SHARE. Those choices come from a random stream of their own, so the problems and which
-    documents are worked are the same for every chinese_rate, and chinese_rate=0 gives the English corpus."""
+    documents are worked are the same for every chinese_rate, and chinese_rate=0 gives the English corpus.
+    chat_rate: the share of the documents written as a DeepSeek chat turn (format_document's chat), from a random
+    stream of its own as well."""
     if not 0.0 <= direct_rate <= 1.0:
         raise ValueError(f"direct_rate must be between 0 and 1, not {direct_rate!r}")
-    if not 0.0 <= chinese_rate <= 1.0:
-        raise ValueError(f"chinese_rate must be between 0 and 1, not {chinese_rate!r}")
+    for name, rate in (("chinese_rate", chinese_rate), ("chat_rate", chat_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, not {rate!r}")
     names = list(TASKS) if tasks is None else list(tasks)
     if not names:
         raise ValueError("tasks is empty; choose from " + ", ".join(TASKS))
@@ -557,6 +570,7 @@ def corpus(n_docs: int, seed: int = 0, tasks: list[str] | None = None, split: st
         _check_difficulty(difficulty)
     rng = random.Random(f"corpus/{seed}/{split}/{difficulty}/{','.join(names)}")
     language_rng = random.Random(f"corpus-language/{seed}/{split}/{difficulty}/{','.join(names)}")
+    chat_rng = random.Random(f"corpus-chat/{seed}/{split}/{difficulty}/{','.join(names)}")
 
     def document() -> str:
         problem = _draw(rng.choice(chosen), rng, split, difficulty)
@@ -564,6 +578,7 @@ def corpus(n_docs: int, seed: int = 0, tasks: list[str] | None = None, split: st
         share = 0.0
         if worked and chinese_rate > 0.0 and language_rng.random() < chinese_rate:
             share = language_rng.uniform(*CHINESE_SHARE)
-        return format_document(problem, worked, share, language_rng)
+        chat = chat_rate > 0.0 and chat_rng.random() < chat_rate
+        return format_document(problem, worked, share, language_rng, chat)
 
     return (document() for _ in range(n_docs))

@@ -59,6 +59,10 @@ class PretrainConfig:
     # (DeepSeek-R1-Zero's language mixing; numbers and symbols unchanged), so that GRPO's language-consistency
     # reward (--language-weight) has mixing to remove, and for its ablation; 0: English only.
     chinese_rate: float = 0.0
+    # Share of built-in documents written as a DeepSeek chat turn (the question as the user's message, the steps
+    # as the assistant's reasoning), so that the base already knows the format `nanoseek sft` and the R1 stages
+    # fine-tune it in; 0: every document in the Question: format.
+    chat_rate: float = 0.0
     fim_rate: float = 0.1  # share of documents rearranged for fill-in-the-middle
     heldout_fraction: float = 0.02  # share of documents kept out of training for the held-out loss
     eval_problems: int = 50  # easy held-out problems per task for the final greedy accuracy on the built-in
@@ -82,8 +86,9 @@ class PretrainConfig:
                                 f"(mixed) or one of {', '.join(map(str, tasks.DIFFICULTIES))}")
         if not 0.0 <= self.direct_rate <= 1.0:
             raise PretrainError(f"direct_rate {self.direct_rate} must be between 0 and 1")
-        if not 0.0 <= self.chinese_rate <= 1.0:
-            raise PretrainError(f"chinese_rate {self.chinese_rate} must be between 0 and 1")
+        for name in ("chinese_rate", "chat_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PretrainError(f"{name} {getattr(self, name)} must be between 0 and 1")
         self.data = tuple(self.data)
         for name in ("seq_len", "batch_size", "micro_batch_size", "eval_batches"):
             require(self, getattr(self, name) > 0, name, "must be > 0", kind="pretraining option")
@@ -206,7 +211,8 @@ def prepare_data(setup: PretrainConfig, data_dir: Path, vocab_size: int, seed: i
                       heldout_fraction=setup.heldout_fraction, seed=seed)
         return data_dir
     docs = list(tasks.corpus(setup.builtin_docs, seed=seed, difficulty=setup.difficulty or None,
-                             direct_rate=setup.direct_rate, chinese_rate=setup.chinese_rate))
+                             direct_rate=setup.direct_rate, chinese_rate=setup.chinese_rate,
+                             chat_rate=setup.chat_rate))
     tokenizer = Tokenizer.load(setup.tokenizer) if setup.tokenizer else Tokenizer.train(docs, vocab_size)
     prepare_documents(docs, tokenizer, data_dir, fim_rate=setup.fim_rate, heldout_fraction=setup.heldout_fraction,
                       seed=seed)
