@@ -74,7 +74,7 @@ def run_pretrain(layout: Layout, config: PretrainConfig | None = None, train: Tr
 
 def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, resume: bool = False,
              changes: dict[str, Any] | None = None) -> dict:
-    grpo, train = run_settings("grpo", GRPOConfig, grpo, train or GRPO_TRAIN_DEFAULTS, resume, changes)
+    grpo, train = run_settings("grpo", GRPOConfig, grpo, train, resume, changes, defaults=GRPO_TRAIN_DEFAULTS)
     problems = problem_source(grpo, train.seed)  # every rank reads the user's problems, the same order
     _init_process_group(train.device)
     path = resolve_checkpoint(grpo.model)

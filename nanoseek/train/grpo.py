@@ -586,11 +586,7 @@ def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, r
              progress: bool = True, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """`nanoseek grpo`: R1-Zero from the base model grpo.model (a checkpoint, or a run's latest one).
     resume: continue the run in train.out_dir with its own saved settings (changes: see run_settings)."""
-    changes = dict(changes or {})
-    if resume:  # the run's own settings: GRPO's defaults must not count as options given against them
-        changes.setdefault("out_dir", (train or GRPO_TRAIN_DEFAULTS).out_dir)
-    grpo, train = run_settings("grpo", GRPOConfig, grpo, train if resume else train or GRPO_TRAIN_DEFAULTS, resume,
-                               changes)
+    grpo, train = run_settings("grpo", GRPOConfig, grpo, train, resume, changes, defaults=GRPO_TRAIN_DEFAULTS)
     out = Path(train.out_dir)
     # A user's problems and general prompts, and the reward model, are checked before the model is loaded.
     problems = problem_source(grpo, train.seed)

@@ -269,8 +269,10 @@ def saved_settings(out_dir: str | Path, stage: str) -> dict[str, Any]:
 
 
 def run_settings(stage: str, config_type: type, config: Any, train: TrainConfig | None, resume: bool,
-                 changes: dict[str, Any] | None = None) -> tuple[Any, TrainConfig]:
-    """The settings a stage runs with.
+                 changes: dict[str, Any] | None = None, defaults: TrainConfig | None = None
+                 ) -> tuple[Any, TrainConfig]:
+    """The settings a stage runs with; `defaults` are the stage's shared options when train is None (TrainConfig's
+    own if None: pretraining's).
 
     A new run: config and train (their defaults where None); the run directory must not hold a run already.
     A resume: the run's own saved settings (run.json). `changes` (option name -> value, e.g. what a user typed on
@@ -278,13 +280,14 @@ def run_settings(stage: str, config_type: type, config: Any, train: TrainConfig 
     may alter only RESUMABLE_CHANGES; any other difference is refused, naming it.
     """
     changes = dict(changes or {})
-    out = Path(changes.get("out_dir") or (train or TrainConfig()).out_dir)
+    defaults = defaults or TrainConfig()
+    out = Path(changes.get("out_dir") or (train or defaults).out_dir)
     if not resume:
         latest = out / "checkpoints" / "latest"
         if latest.exists():
             raise TrainingError(f"{out} already holds a run (at {latest.read_text().strip()}); pass --resume to "
                                 "continue it, or --out-dir for a new run")
-        return config or config_type(), train or TrainConfig()
+        return config or config_type(), train or defaults
     saved = saved_settings(out, stage)
     try:
         saved_config = config_type(**saved[stage])

@@ -435,10 +435,7 @@ def run_rm(rm: RMConfig | None = None, train: TrainConfig | None = None, resume:
            progress: bool = True, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """`nanoseek rm`: train a reward model from rm.model (a checkpoint, or a run's latest one) on preference pairs.
     resume: continue the run in train.out_dir with its own saved settings (changes: see run_settings)."""
-    changes = dict(changes or {})
-    if resume:  # the settings are the run's; only a directory to find it in is needed
-        changes.setdefault("out_dir", (train or RM_TRAIN_DEFAULTS).out_dir)
-    rm, train = run_settings("rm", RMConfig, rm, train if resume else train or RM_TRAIN_DEFAULTS, resume, changes)
+    rm, train = run_settings("rm", RMConfig, rm, train, resume, changes, defaults=RM_TRAIN_DEFAULTS)
     out = Path(train.out_dir)
     path, tokenizer, model = load_start_model(rm.model, rm.seq_len, (USER, ASSISTANT), RMError)
     data = load_data(rm, tokenizer, train.seed)

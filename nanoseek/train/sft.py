@@ -326,11 +326,7 @@ def run_sft(sft: SFTConfig | None = None, train: TrainConfig | None = None, resu
             progress: bool = True, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """`nanoseek sft`: fine-tune sft.model (a checkpoint, or a run's latest one) on chat conversations.
     resume: continue the run in train.out_dir with its own saved settings (changes: see run_settings)."""
-    changes = dict(changes or {})
-    if resume:  # the settings are the run's; only a directory to find it in is needed
-        changes.setdefault("out_dir", (train or SFT_TRAIN_DEFAULTS).out_dir)
-    sft, train = run_settings("sft", SFTConfig, sft, train if resume else train or SFT_TRAIN_DEFAULTS, resume,
-                              changes)
+    sft, train = run_settings("sft", SFTConfig, sft, train, resume, changes, defaults=SFT_TRAIN_DEFAULTS)
     out = Path(train.out_dir)
     path, tokenizer, model = load_start_model(sft.model, sft.seq_len, (USER, ASSISTANT, THINK, END_THINK), SFTError)
     data = load_data(sft, tokenizer, train.seed)
