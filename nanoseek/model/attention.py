@@ -106,7 +106,8 @@ class MultiHeadLatentAttention(nn.Module):
 
 
 class KVCacheLayer(Protocol):
-    """One layer's view of a key/value cache of a dense student (model/dense.py; nanoseek/infer/cache.py's GQAKVCache implements it)."""
+    """One layer's view of a dense student's key/value cache (model/dense.py; nanoseek/infer/cache.py's GQAKVCache
+    implements it)."""
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store the new tokens' rotated keys and values (B, S, kv_heads, d); return everything cached for these

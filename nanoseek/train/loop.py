@@ -40,7 +40,7 @@ from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.fp8 import convert_to_fp8_training
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.transformer import Block
-from nanoseek.options import given_options
+from nanoseek.options import add_dataclass_options, from_args, given_options
 from nanoseek.train.metrics import MetricsLog, plot_run
 
 
@@ -244,6 +244,23 @@ def steps_for_epochs(epochs: float, items: int, batch_size: int, train: TrainCon
         raise error(f"pass --epochs ({epochs}) or --max-steps ({train.max_steps}), not both: epochs set the number "
                     "of steps")
     return replace(train, max_steps=max(1, math.ceil(epochs * items / batch_size)))
+
+
+def add_stage_options(parser: argparse.ArgumentParser, stage_config: type, defaults: TrainConfig | None = None,
+                      skip: tuple[str, ...] = ()) -> None:
+    """A stage command's options: --resume, the stage's own config's, and the shared TrainConfig's with the stage's
+    defaults (but those in skip, which the stage has no use for)."""
+    add_resume_option(parser)
+    add_dataclass_options(parser, stage_config)
+    add_dataclass_options(parser, TrainConfig, skip=skip, defaults=defaults)
+
+
+def stage_arguments(args: argparse.Namespace, stage_config: type, name: str) -> dict[str, Any]:
+    """A stage run function's keyword arguments from its parsed options: `name` (its config) and train, or a
+    resume's (resume_arguments)."""
+    if args.resume:
+        return resume_arguments(args)
+    return {name: from_args(stage_config, args), "train": from_args(TrainConfig, args)}
 
 
 def saved_settings(out_dir: str | Path, stage: str) -> dict[str, Any]:

@@ -24,9 +24,8 @@ from nanoseek.errors import NanoseekError
 from nanoseek.eval import EvalConfig, evaluate, heldout_problems
 from nanoseek.model import DeepSeekV3, build_model
 from nanoseek.model.params import flops_per_token
-from nanoseek.options import add_dataclass_options, from_args
-from nanoseek.train.loop import (LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, add_resume_option,
-                                 resume_arguments, run_settings)
+from nanoseek.train.loop import (LossTerms, StepBatch, TrainConfig, Trainer, TrainingError, add_stage_options,
+                                 run_settings, stage_arguments)
 from nanoseek.train.metrics import plot_run
 
 
@@ -185,16 +184,12 @@ class LanguageModelStage:
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The pretraining command's options (`nanoseek pretrain`, and the torchrun entry's `pretrain`)."""
-    add_resume_option(parser)
-    add_dataclass_options(parser, PretrainConfig)
-    add_dataclass_options(parser, TrainConfig)
+    add_stage_options(parser, PretrainConfig)
 
 
 def arguments(args: argparse.Namespace) -> dict[str, Any]:
     """pretrain()'s keyword arguments from the parsed options."""
-    if args.resume:
-        return resume_arguments(args)
-    return {"config": from_args(PretrainConfig, args), "train": from_args(TrainConfig, args)}
+    return stage_arguments(args, PretrainConfig, "config")
 
 
 def prepare_data(setup: PretrainConfig, data_dir: Path, vocab_size: int, seed: int) -> Path:

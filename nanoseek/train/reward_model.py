@@ -50,10 +50,9 @@ from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.losses import bradley_terry_loss
 from nanoseek.model.params import flops_per_token
-from nanoseek.options import add_dataclass_options, from_args
 from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
-                                 add_resume_option, length_buckets, load_start_model, padding_id, resume_arguments,
-                                 run_settings, steps_for_epochs)
+                                 add_stage_options, length_buckets, load_start_model, padding_id, run_settings,
+                                 stage_arguments, steps_for_epochs)
 from nanoseek.train.metrics import _moving_average, read_metrics
 
 HEAD_FILE = "reward_head.safetensors"
@@ -412,16 +411,12 @@ RM_UNUSED_OPTIONS = ("aux_alpha", "ema_decay")
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The reward model command's options (`nanoseek rm`)."""
-    add_resume_option(parser)
-    add_dataclass_options(parser, RMConfig)
-    add_dataclass_options(parser, TrainConfig, skip=RM_UNUSED_OPTIONS, defaults=RM_TRAIN_DEFAULTS)
+    add_stage_options(parser, RMConfig, RM_TRAIN_DEFAULTS, RM_UNUSED_OPTIONS)
 
 
 def arguments(args: argparse.Namespace) -> dict[str, Any]:
     """run_rm()'s keyword arguments from the parsed options."""
-    if args.resume:
-        return resume_arguments(args)
-    return {"rm": from_args(RMConfig, args), "train": from_args(TrainConfig, args)}
+    return stage_arguments(args, RMConfig, "rm")
 
 
 def rm_trainer(model: DeepSeekV3, tokenizer: Tokenizer, data: RMData, rm: RMConfig, train: TrainConfig,

@@ -50,10 +50,9 @@ from nanoseek.eval import EvalConfig, evaluate, heldout_problems
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.losses import IGNORE_INDEX
 from nanoseek.model.params import flops_per_token
-from nanoseek.options import add_dataclass_options, from_args
 from nanoseek.train.loop import (EpochOrder, LossTerms, StepBatch, TrainConfig, Trainer, TrainingError,
-                                 add_resume_option, length_buckets, load_start_model, padding_id, resume_arguments,
-                                 run_settings, steps_for_epochs)
+                                 add_stage_options, length_buckets, load_start_model, padding_id, run_settings,
+                                 stage_arguments, steps_for_epochs)
 from nanoseek.train.metrics import plot_run, read_metrics
 
 
@@ -303,16 +302,12 @@ SFT_UNUSED_OPTIONS = ("aux_alpha",)
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The SFT command's options (`nanoseek sft`)."""
-    add_resume_option(parser)
-    add_dataclass_options(parser, SFTConfig)
-    add_dataclass_options(parser, TrainConfig, skip=SFT_UNUSED_OPTIONS, defaults=SFT_TRAIN_DEFAULTS)
+    add_stage_options(parser, SFTConfig, SFT_TRAIN_DEFAULTS, SFT_UNUSED_OPTIONS)
 
 
 def arguments(args: argparse.Namespace) -> dict[str, Any]:
     """run_sft()'s keyword arguments from the parsed options."""
-    if args.resume:
-        return resume_arguments(args)
-    return {"sft": from_args(SFTConfig, args), "train": from_args(TrainConfig, args)}
+    return stage_arguments(args, SFTConfig, "sft")
 
 
 def sft_trainer(model: DeepSeekV3, tokenizer: Tokenizer, data: SFTData, sft: SFTConfig, train: TrainConfig,
