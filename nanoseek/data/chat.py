@@ -122,16 +122,18 @@ def _lines(f, file: Path):
 
 
 # ---------------------------------------------------------------------- the built-in cold-start data
-OPENINGS = ("Let me work through this step by step.", "I will solve this one step at a time.",
-            "Let me think this through carefully.")
 CLOSINGS = ("So the answer is {answer}.", "That gives {answer}.", "Therefore the answer is {answer}.")
 
 
 def cold_start_conversation(problem: tasks.Problem, rng: random.Random) -> list[dict]:
     """One built-in problem as a DeepSeek-R1 cold-start conversation: the user asks the question; the assistant's
-    reasoning is the problem's worked steps between a short opening and closing sentence, and its content is the
-    answer in the R1-Zero answer tags, which the rewards and `nanoseek eval` grade (`rewards.final_answer`)."""
-    reasoning = "\n".join([rng.choice(OPENINGS), problem.steps, rng.choice(CLOSINGS).format(answer=problem.answer)])
+    reasoning is the problem's worked steps and a closing summary sentence, and its content is the answer in the
+    R1-Zero answer tags, which the rewards and `nanoseek eval` grade (`rewards.final_answer`).
+
+    The steps start right after `<think>`, as in the pretraining corpus: an opening sentence before them ("Let me
+    work through this step by step.") cost the small base its copying of the question's digits, measured on seed 1
+    (docs/r1.md): 250 SFT steps took chat-format pass@1 from 12.6% to 3.3% with the sentence and to 14.6% without."""
+    reasoning = "\n".join([problem.steps, rng.choice(CLOSINGS).format(answer=problem.answer)])
     return [{"role": "user", "content": problem.question},
             {"role": "assistant", "content": f"<answer>{problem.answer}</answer>", "reasoning_content": reasoning}]
 
