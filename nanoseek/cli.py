@@ -258,7 +258,7 @@ def evaluate(args: argparse.Namespace) -> None:
     model, tokenizer = _load_for_inference(args)
     check_template(tokenizer, args.template)
     cfg = EvalConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                     seed=args.seed, greedy=not args.no_greedy, template=args.template)
+                     seed=args.seed, greedy=not args.no_greedy, template=args.template, language=args.language)
     report = run(model, tokenizer, problems, cfg, max_batch=args.max_batch, progress=True)
     print(format_table(report))
     if args.out:
@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a problem becomes a prompt: question (the built-in corpus's format: pretrained and "
                         "R1-Zero models), chat (DeepSeek's chat format: models fine-tuned by `nanoseek sft`), "
                         "r1-zero (the R1-Zero prompt)")
+    p.add_argument("--language", choices=("en", "zh"), default=None,
+                   help="also report the language consistency of the reasoning: the share of its words in this "
+                        "language (R1's language reward; default: not reported)")
     p.add_argument("--out", help="also write the report to this JSON file")
     p.set_defaults(func=evaluate, max_new_tokens=defaults.max_new_tokens, top_p=defaults.top_p, max_batch=64)
 

@@ -58,3 +58,9 @@ def test_eval_command_on_tiny_checkpoint(tmp_path, capsys):
     assert report["problems"] == 14 and report["k"] == 2
     assert set(report["overall"]) == {"pass@1", "cons@k", "pass@k", "format", "length", "greedy"}
     assert "| overall |" in capsys.readouterr().out
+    # --language adds the reasoning's language consistency to every row.
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--k", "2", "--problems-per-task", "2",
+                 "--max-new-tokens", "8", "--language", "zh", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["overall"]["language"] <= 1.0
+    assert all("language" in row for row in report["per_task"].values())
