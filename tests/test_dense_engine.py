@@ -80,6 +80,10 @@ def test_pretrain_builds_a_student_from_its_preset(tmp_path):
                  "--micro-batch-size", "4", "--eval-problems", "0", "--no-tensorboard"]) == 0
     model_dir = out / "checkpoints" / "step_000002" / "model"
     assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    # The report shows the plots written, and a dense model has no expert load to plot.
+    report = (out / "report.md").read_text()
+    assert "plots/loss.png" in report and "expert_load" not in report
+    assert not (out / "plots" / "expert_load.png").exists()
     model = nanoseek.from_pretrained(model_dir)
     assert isinstance(model, DenseTransformer) and model.config.num_key_value_heads == 2
     assert len(Engine(model, max_len=16).generate([[0, 5, 6]], SamplingParams(max_new_tokens=4))[0].tokens) == 4

@@ -263,12 +263,13 @@ def pretrain(config: PretrainConfig | None = None, train: TrainConfig | None = N
         "device": str(trainer.device), "checkpoint": str(out / "checkpoints" / latest.read_text().strip()),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_run(out, baseline=baseline)
-    (out / "report.md").write_text(_report_markdown(report))
+    plots = plot_run(out, baseline=baseline)
+    (out / "report.md").write_text(_report_markdown(report, [Path(p).name for p in plots]))
     return report
 
 
-def _report_markdown(r: dict[str, Any]) -> str:
+def _report_markdown(r: dict[str, Any], plots: list[str]) -> str:
+    """The report in Markdown, showing the plots that plot_run wrote (a dense model has no expert load)."""
     acc = r["task_accuracy"]
     if acc is None:
         accuracy = "No greedy check on the built-in tasks (--eval-problems 0, or trained on your own data).\n"
@@ -276,6 +277,9 @@ def _report_markdown(r: dict[str, Any]) -> str:
         rows = "\n".join(f"| {task} | {100 * a:.0f}% |" for task, a in acc["per_task"].items())
         accuracy = (f"Greedy accuracy on easy (difficulty {acc['difficulty']}) held-out problems, mean "
                     f"{100 * acc['mean']:.0f}%:\n\n| task | accuracy |\n|---|---|\n{rows}\n")
+    titles = {"loss.png": "loss", "expert_load.png": "expert load", "lr.png": "learning rate",
+              "grad_norm.png": "gradient norm"}
+    images = "\n".join(f"![{titles[name]}](plots/{name})" for name in titles if name in plots)
     return f"""# Pretraining report
 
 {r['preset']} preset, {r['params'] / 1e6:.1f}M parameters, {r['steps']} steps, {r['tokens']:,} tokens,
@@ -286,8 +290,5 @@ def _report_markdown(r: dict[str, Any]) -> str:
 | {r['heldout_loss']:.3f} | {r['unigram_loss']:.3f} |
 
 {accuracy}
-![loss](plots/loss.png)
-![expert load](plots/expert_load.png)
-![learning rate](plots/lr.png)
-![gradient norm](plots/grad_norm.png)
+{images}
 """
