@@ -218,10 +218,7 @@ def read_state_dict(files: _TensorFiles, config: ModelConfig,
     if unexpected:
         raise CheckpointError(f"checkpoint {directory} has {len(unexpected)} tensors this config does not use, "
                               f"e.g. {unexpected[0]!r} (does config.json match the weights?)")
-    if config.tie_word_embeddings and "embed_tokens.weight" in state:
-        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
-            raise CheckpointError("config.json ties the embeddings but lm_head.weight differs from embed_tokens")
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+    _tie_embeddings(state, config.tie_word_embeddings)
     if config.scoring_func == "softmax":
         # DeepSeek-V2 checkpoints predate auxiliary-loss-free balancing: their biases start at zero.
         for name in expected:
@@ -290,10 +287,7 @@ def read_dense_state_dict(files: _TensorFiles, config: DenseConfig,
                 else " (does config.json match the weights?)")
         raise CheckpointError(f"checkpoint {directory} has {len(unexpected)} tensors a {config.architecture} of this "
                               f"config does not have, e.g. {unexpected[0]!r}{hint}")
-    if config.tie_word_embeddings and "embed_tokens.weight" in state:
-        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
-            raise CheckpointError("config.json ties the embeddings but lm_head.weight differs from embed_tokens")
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+    _tie_embeddings(state, config.tie_word_embeddings)
     missing = [k for k in expected if k not in state]
     if missing:
         hf_name = _translate(missing[0], _name_table({v: k for k, v in DENSE_NAME_MAPS[config.model_type].items()}))
@@ -331,6 +325,15 @@ def _dense_hf_state_dict(model: DenseTransformer) -> Iterator[tuple[str, torch.T
 
 
 # ---------------------------------------------------------------------- loading
+def _tie_embeddings(state: dict[str, torch.Tensor], tied: bool) -> None:
+    """With tied embeddings the output head is the embedding (a checkpoint may omit lm_head.weight, or hold a copy
+    that must equal it)."""
+    if tied and "embed_tokens.weight" in state:
+        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]):
+            raise CheckpointError("config.json ties the embeddings but lm_head.weight differs from embed_tokens")
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+
+
 def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None) -> DeepSeekV3:
     """A checkpoint directory -> its model: a DeepSeekV3 (deepseek_v3/v2, kimi_k2), or a DenseTransformer (qwen2,

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from nanoseek.errors import NanoseekError
 
@@ -40,8 +40,27 @@ class YarnScaling:
     mscale_all_dim: float = 1.0
 
 
+class ConfigFile:
+    """config.json I/O shared by the model configs: save (to_hf_dict), load (from_hf_dict, errors naming the file),
+    replace."""
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path, d = _read_config_json(path)
+        try:
+            return cls.from_hf_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigFile):
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432  # FFN width of the first `first_k_dense_replace` (dense) layers
@@ -233,19 +252,6 @@ class ModelConfig:
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         return cls(**kwargs)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> ModelConfig:
-        path, d = _read_config_json(path)
-        try:
-            return cls.from_hf_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
 
 
 _NOT_IN_HF_CONFIG = ("bias_update_speed", "mtp_loss_weight")
@@ -305,7 +311,7 @@ SUPPORTED_MODEL_TYPES = DEEPSEEK_MODEL_TYPES + DENSE_MODEL_TYPES
 
 
 @dataclass
-class DenseConfig:
+class DenseConfig(ConfigFile):
     """A dense decoder of the Qwen2 or Llama family: the students DeepSeek-R1 was distilled into
     (DeepSeek-R1-Distill-Qwen-1.5B/7B/14B/32B on Qwen2.5, -Llama-8B/70B on Llama 3.1/3.3).
 
@@ -478,19 +484,6 @@ class DenseConfig:
                               "and 'llama3'")
         return cls(**kwargs)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> DenseConfig:
-        path, d = _read_config_json(path)
-        try:
-            return cls.from_hf_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-
-    def replace(self, **changes: Any) -> DenseConfig:
-        return dataclasses.replace(self, **changes)
 
 
 _DENSE_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
