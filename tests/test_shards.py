@@ -329,6 +329,24 @@ def test_loader_reads_a_prepared_directory(tok, tmp_path):
     assert sorted(targets.tolist()) == sorted(tokens[s + 1:s + 17].tolist() for s in range(0, windows * 16, 16))
 
 
+def test_aligned_windows_open_on_a_document_start(tok, tmp_path):
+    prepare_documents(make_docs(100), tok, tmp_path / "ds", fim_rate=0, heldout_fraction=0, shard_tokens=300)
+    tokens = stream(tmp_path / "ds")
+    seq = 64  # longer than any of these documents, so every window but the last holds a bos
+    windows = (len(tokens) - 1) // seq
+    expected = []  # by hand: the first bos in [i*seq, (i+1)*seq), else i*seq; never past the stream's end
+    for i in range(windows):
+        bos = [p for p in range(i * seq, (i + 1) * seq) if tokens[p] == tok.bos_id]
+        start = min(bos[0], len(tokens) - seq - 1) if bos else i * seq
+        expected.append(tokens[start:start + seq + 1])
+    loader = TokenLoader(tmp_path / "ds", seq_len=seq, align_token=tok.bos_id)
+    inputs, targets = loader.next_batch(windows)
+    rows = torch.cat([inputs, targets[:, -1:]], dim=1).tolist()
+    assert sorted(rows) == sorted(expected)
+    assert sum(row[0] == tok.bos_id for row in rows) >= windows - 2  # nearly every window opens on a bos
+    assert torch.equal(targets[:, :-1], inputs[:, 1:])
+
+
 def test_heldout_batches_in_order(tmp_path):
     heldout = np.arange(7 * SEQ + 4)
     directory = write_dataset(tmp_path / "ds", {"train": [heldout], "heldout": [heldout[:20], heldout[20:]]},

@@ -349,10 +349,22 @@ class _TokenStream:
                             f"needs at least {seq_len + 1}: prepare {more}, or use a shorter --seq-len")
         return (len(self) - 1) // seq_len
 
-    def windows(self, indices: Iterable[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 (len(indices), seq_len): window i is tokens [i*seq_len, (i+1)*seq_len + 1)."""
-        rows = torch.from_numpy(np.stack([self.read(i * seq_len, (i + 1) * seq_len + 1) for i in indices])
-                                .astype(np.int64))
+    def window_start(self, i: int, seq_len: int, align_token: int | None = None) -> int:
+        """Where window i starts: i*seq_len, or with align_token the first such token in [i*seq_len,
+        (i+1)*seq_len) (the window then opens on a document's bos), kept where none is or the window would
+        overrun the stream."""
+        start = i * seq_len
+        if align_token is None:
+            return start
+        hits = np.flatnonzero(self.read(start, start + seq_len) == align_token)
+        return min(start + int(hits[0]), len(self) - seq_len - 1) if len(hits) else start
+
+    def windows(self, indices: Iterable[int], seq_len: int, align_token: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 (len(indices), seq_len): window i is the seq_len + 1 tokens from
+        window_start(i)."""
+        starts = [self.window_start(i, seq_len, align_token) for i in indices]
+        rows = torch.from_numpy(np.stack([self.read(s, s + seq_len + 1) for s in starts]).astype(np.int64))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
@@ -366,19 +378,21 @@ class TokenLoader:
     """
 
     def __init__(self, directory: str | Path, split: str = "train", *, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, align_token: int | None = None):
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.stream = _TokenStream(directory, split)
         self.num_windows = self.stream.num_windows(seq_len)
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
+        self.align_token = align_token
         self.epoch, self.cursor = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), int64 (batch_size, seq_len), targets = inputs shifted left by one token."""
         windows = self._take(batch_size * self.world_size)
-        return self.stream.windows(windows[self.rank * batch_size:(self.rank + 1) * batch_size], self.seq_len)
+        return self.stream.windows(windows[self.rank * batch_size:(self.rank + 1) * batch_size], self.seq_len,
+                                   self.align_token)
 
     def _take(self, n: int) -> np.ndarray:
         taken = []

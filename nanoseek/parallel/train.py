@@ -64,7 +64,8 @@ def run_pretrain(layout: Layout, config: PretrainConfig | None = None, train: Tr
     torch.manual_seed(train.seed)
     with torch.device(ctx.device):
         model = DeepSeekV3(model_config)
-    loader = TokenLoader(data_dir, "train", seq_len=config.seq_len, seed=train.seed)
+    loader = TokenLoader(data_dir, "train", seq_len=config.seq_len, seed=train.seed,
+                         align_token=tokenizer.bos_id if config.align_windows else None)
     # The held-out loss runs the whole model's forward, which a pipeline rank does not hold.
     stage = LanguageModelStage(loader, config, model_config, heldout_data=data_dir if layout.pp == 1 else None)
     trainer = ParallelTrainer(model, stage, train, ctx, model_files={"tokenizer.json": data_dir / "tokenizer.json"},

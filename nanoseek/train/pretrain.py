@@ -68,6 +68,9 @@ class PretrainConfig:
                              # corpus (0: skip; never done for your own data)
     eval_max_new_tokens: int = 128  # the length limit of that check's completions
     seq_len: int = 256  # tokens per training sequence
+    # Each training window opens on a document's bos, so no document is trained on without its start (its
+    # question); False: windows at multiples of seq_len, cutting documents wherever they fall.
+    align_windows: bool = False
     batch_size: int = 8  # sequences per optimizer step once the ramp is over (many small steps learn
                          # the built-in tasks faster than few large ones in a fixed CPU budget)
     micro_batch_size: int = 8  # sequences per forward/backward; the step accumulates gradients over them
@@ -240,7 +243,8 @@ def pretrain(config: PretrainConfig | None = None, train: TrainConfig | None = N
                                   eos_token_id=tokenizer.eos_id)
     torch.manual_seed(train.seed)
     model = build_model(model_config)  # a DenseTransformer for a dense student's preset (qwen2-small)
-    loader = TokenLoader(data_dir, "train", seq_len=config.seq_len, seed=train.seed)
+    loader = TokenLoader(data_dir, "train", seq_len=config.seq_len, seed=train.seed,
+                         align_token=tokenizer.bos_id if config.align_windows else None)
     stage = LanguageModelStage(loader, config, model_config, heldout_data=data_dir)
     trainer = Trainer(model, stage, train, model_files={"tokenizer.json": data_dir / "tokenizer.json"})
     if resume:
