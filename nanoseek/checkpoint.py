@@ -78,6 +78,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def tokenizer_files(directory: str | Path) -> dict[str, Path]:
+    """The TOKENIZER_FILES a directory has, name -> path: what a model made from it carries along (the tokenizer,
+    and a Hugging Face checkpoint's chat template and generation settings)."""
+    return {name: Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()}
+
+
 class CheckpointError(NanoseekError, ValueError):
     """A checkpoint directory that cannot be loaded; the message says which file or tensor and why."""
 
@@ -457,9 +463,8 @@ def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: i
             hf_config["quantization_config"] = FP8_QUANTIZATION_CONFIG
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).is_file():
-                    shutil.copyfile(Path(tokenizer_from) / name, staging / name)
+            for name, source in tokenizer_files(tokenizer_from).items():
+                shutil.copyfile(source, staging / name)
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

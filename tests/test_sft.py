@@ -5,6 +5,7 @@ resume after a crash, and the built-in cold-start conversations graded by the pr
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -264,6 +265,23 @@ def test_sft_on_the_builtin_data_reports_the_chat_format_accuracy(base, tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["data"] == "built-in cold-start conversations" and report["conversations"]["heldout"] == 2
     assert set(report["chat_accuracy"]["after"]["per_task"]) == set(tasks.TASKS)
+
+
+def test_the_checkpoints_chat_template_and_generation_settings_survive_fine_tuning(base, tmp_path):
+    from nanoseek.checkpoint import resolve_checkpoint
+
+    start = tmp_path / "hf"
+    shutil.copytree(base, start)
+    extra = {"chat_template.jinja": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}",
+             "generation_config.json": '{"temperature": 0.6, "top_p": 0.95}'}
+    for name, text in extra.items():
+        (start / name).write_text(text)
+    out = tmp_path / "run"
+    assert main(["sft", "--model", str(start), "--builtin-conversations", "20", "--max-steps", "1", "--batch-size",
+                 "2", "--eval-problems", "0", "--no-tensorboard", "--out-dir", str(out)]) == 0
+    model_dir = resolve_checkpoint(out)
+    for name, text in extra.items():
+        assert (model_dir / name).read_text() == text, name
 
 
 # ---------------------------------------------------------------------- 6. the built-in cold-start data

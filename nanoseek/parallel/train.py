@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint, tokenizer_files
 from nanoseek.config import get_preset
 from nanoseek.data.shards import TokenLoader
 from nanoseek.data.tokenizer import Tokenizer
@@ -83,7 +83,7 @@ def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, r
     model = load_pretrained(path)
     ctx = init_parallel(Layout(dp=dist.get_world_size()), model.config, train.device)
     stage = GRPOStage(tokenizer, problems, grpo)
-    trainer = ParallelTrainer(model, stage, train, ctx, model_files={"tokenizer.json": path / "tokenizer.json"})
+    trainer = ParallelTrainer(model, stage, train, ctx, model_files=tokenizer_files(path))
     started = time.perf_counter()
     result = _fit(trainer, resume, f"GRPO, {ctx.layout.dp} data-parallel ranks")
     if trainer.is_main and result["stopped"] is None:

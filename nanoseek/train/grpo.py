@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint, tokenizer_files
 from nanoseek.config import require
 from nanoseek.data import tasks
 from nanoseek.data.chat import ChatDataError, _lines, instruction_conversations, jsonl_files
@@ -103,7 +103,8 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cfg: GRPOLossConfig, ref_logp: torch.Tensor | None = None, batch: tuple[int, int] | None = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """logp, old_logp, ref_logp, mask (B, T) over completion tokens; advantages (B,) -> loss, stats.
+    """logp, old_logp, ref_logp, mask (B, T) over completion tokens; advantages (B,) per completion, or (B, T) per
+    token (on-policy distillation's) -> loss, stats.
 
     batch = (sequences, completion tokens) of the whole update when these B rows are one micro-batch of it:
     the loss and the stats are then this micro-batch's shares, which add up to the whole batch's values.
@@ -112,7 +113,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     rows, n = batch or (mask.shape[0], int(mask.sum()))
     n = max(1, n)
     ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None]
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
     clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
@@ -146,6 +147,16 @@ def completion_logprobs(model: DeepSeekV3, sequences: torch.Tensor, prompt_lens:
     mask = (positions >= prompt_lens[:, None]) & valid[:, 1:]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, mask, entropy
+
+
+def pack_sequences(rows: Sequence[tuple[list[int], list[int]]], device: torch.device | str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, completion) token lists -> sequences (rows, longest) of prompt + completion right-padded with -1 (the
+    padding completion_logprobs masks), and the prompt lengths (rows,), on device."""
+    sequences = torch.full((len(rows), max(len(p) + len(c) for p, c in rows)), -1, dtype=torch.long)
+    for r, (prompt, completion) in enumerate(rows):
+        sequences[r, :len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+    return sequences.to(device), torch.tensor([len(p) for p, _ in rows]).to(device)
 
 
 # ---------------------------------------------------------------------- the stage: `nanoseek grpo`
@@ -515,13 +526,8 @@ class GRPOStage:
         """Completions `rows` with their prompts -> sequences (rows, longest) right-padded with -1, prompt
         lengths (rows,) and advantages (rows,), on the model's device."""
         g = self.cfg.group_size
-        sequences = torch.full((len(rows), max(len(prompts[i // g]) + len(outs[i].tokens) for i in rows)), -1,
-                               dtype=torch.long)
-        for r, i in enumerate(rows):
-            seq = prompts[i // g] + outs[i].tokens
-            sequences[r, :len(seq)] = torch.tensor(seq)
-        prompt_lens = torch.tensor([len(prompts[i // g]) for i in rows])
-        return sequences.to(device), prompt_lens.to(device), advantages[rows].to(device)
+        sequences, prompt_lens = pack_sequences([(prompts[i // g], outs[i].tokens) for i in rows], device)
+        return sequences, prompt_lens, advantages[rows].to(device)
 
 
 def _mean(values) -> float:
@@ -594,7 +600,7 @@ def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, r
     path = resolve_checkpoint(grpo.model)
     tokenizer = Tokenizer.load(path)
     trainer = grpo_trainer(load_pretrained(path), tokenizer, train, grpo, rewards,
-                           model_files={"tokenizer.json": path / "tokenizer.json"}, problems=problems)
+                           model_files=tokenizer_files(path), problems=problems)
     if resume:
         trainer.resume()
     started = time.perf_counter()

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint, tokenizer_files
 from nanoseek.config import ModelConfig, require
 from nanoseek.data.chat import encode_conversations
 from nanoseek.data.preferences import (REJECTED_KINDS, PreferencePair, as_messages, builtin_pairs, final_summary,
@@ -443,7 +443,7 @@ def run_rm(rm: RMConfig | None = None, train: TrainConfig | None = None, resume:
     if not resume:
         train = steps_for_epochs(rm.epochs, len(data.train), rm.batch_size, train, RM_TRAIN_DEFAULTS.max_steps,
                                  RMError)
-    trainer = rm_trainer(model, tokenizer, data, rm, train, model_files={"tokenizer.json": path / "tokenizer.json"})
+    trainer = rm_trainer(model, tokenizer, data, rm, train, model_files=tokenizer_files(path))
     if resume:
         trainer.resume()
     started = time.perf_counter()

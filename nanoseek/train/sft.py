@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from nanoseek.checkpoint import load_pretrained
+from nanoseek.checkpoint import load_pretrained, tokenizer_files
 from nanoseek.config import ModelConfig, require
 from nanoseek.data import tasks
 from nanoseek.data.chat import Conversation, cold_start_conversations, encode_conversations, read_conversations
@@ -332,7 +332,7 @@ def run_sft(sft: SFTConfig | None = None, train: TrainConfig | None = None, resu
     if not resume:
         train = steps_for_epochs(sft.epochs, len(data.train), sft.batch_size, train, SFT_TRAIN_DEFAULTS.max_steps,
                                  SFTError)
-    trainer = sft_trainer(model, tokenizer, data, sft, train, model_files={"tokenizer.json": path / "tokenizer.json"})
+    trainer = sft_trainer(model, tokenizer, data, sft, train, model_files=tokenizer_files(path))
     if resume:
         trainer.resume()
     started = time.perf_counter()
@@ -342,12 +342,13 @@ def run_sft(sft: SFTConfig | None = None, train: TrainConfig | None = None, resu
     return write_report(out, path, trainer, tokenizer, data, sft, train, (time.perf_counter() - started) / 60)
 
 
-def chat_accuracy(model: DeepSeekV3, tokenizer: Tokenizer, sft: SFTConfig, seed: int) -> dict[str, Any]:
+def chat_accuracy(model: DeepSeekV3, tokenizer: Tokenizer, sft: SFTConfig, seed: int, template: str = "chat"
+                  ) -> dict[str, Any]:
     """Greedy accuracy on held-out problems of the built-in tasks, asked in the chat format (`nanoseek eval
-    --template chat`), graded by the evaluation's own answer extraction and checkers."""
+    --template chat`; or another `template`), graded by the evaluation's own answer extraction and checkers."""
     report = evaluate(model, tokenizer, heldout_problems(sft.eval_problems, sft.difficulty or None, seed),
                       EvalConfig(k=1, temperature=0.0, max_new_tokens=sft.eval_max_new_tokens, greedy=False,
-                                 template="chat"))
+                                 template=template))
     return {"per_task": {name: v["pass@1"] for name, v in report["per_task"].items()},
             "mean": report["overall"]["pass@1"], "format": report["overall"]["format"]}
 
