@@ -120,6 +120,21 @@ def sft(args: argparse.Namespace) -> None:
           + f"; report: {args.out_dir}/report.md, checkpoints in {args.out_dir}/checkpoints")
 
 
+def distill(args: argparse.Namespace) -> None:
+    from nanoseek.train.distill import arguments, run_distill
+
+    result = run_distill(**arguments(args))
+    if result.get("stopped") is not None:
+        print(f"stopped at step {result['step']}; resume with: nanoseek distill --resume --out-dir {args.out_dir}")
+        return
+    first, last = result["train_first_steps"]["loss"], result["train_last_steps"]["loss"]
+    accuracy = result["accuracy"]
+    print(f"finished {result['steps']} steps of {result['method']} distillation; training loss {first:.3f} -> "
+          f"{last:.3f}" + (f"; greedy accuracy {100 * accuracy['before']['mean']:.0f}% -> "
+                           f"{100 * accuracy['after']['mean']:.0f}%" if accuracy else "")
+          + f"; report: {args.out_dir}/report.md, checkpoints in {args.out_dir}/checkpoints")
+
+
 def rm(args: argparse.Namespace) -> None:
     from nanoseek.train.reward_model import arguments, run_rm
 
@@ -383,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "built-in cold-start conversations), loss on the assistant's tokens only")
     sft_stage.add_options(p)
     p.set_defaults(func=sft)
+
+    from nanoseek.train import distill as distill_stage
+
+    p = command(sub, "distill", "distill a teacher into a student (DeepSeek-R1's method: SFT on the teacher's "
+                "rejection-filtered samples; or logit distillation, or on-policy distillation with a shared tokenizer)")
+    distill_stage.add_options(p)
+    p.set_defaults(func=distill)
 
     p = command(sub, "rm", "train a reward model on preference pairs (DeepSeek-R1's helpfulness reward model: a "
                 "scalar head on the model, Bradley-Terry loss; no data: built-in pairs), reporting held-out "

@@ -6,7 +6,8 @@ gradients for h and W are computed, in the forward pass. The backward pass only 
 so the head costs the same three GEMMs as the plain path while its memory drops from (tokens, V) logits (plus
 their float32 copy and softmax) to one chunk's, and the loss accumulates in float32.
 
-bradley_terry_loss is the reward model's pairwise loss (`nanoseek rm`).
+bradley_terry_loss is the reward model's pairwise loss (`nanoseek rm`); forward_kl and reverse_kl are
+distillation's per-token losses (`nanoseek distill`).
 """
 
 from __future__ import annotations
@@ -106,3 +107,23 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     """
     acc = torch.promote_types(chosen.dtype, torch.float32)
     return -F.logsigmoid(chosen.to(acc) - rejected.to(acc)).mean()
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per position KL(p_teacher || p_student) = sum_v p_t(v) (log p_t(v) - log p_s(v)), where p = softmax(logits /
+    temperature): logit distillation's loss (Hinton et al.), mass-covering. student_logits, teacher_logits (..., V)
+    -> (...,), in float32 (or wider); differentiable through the student's logits (detach the teacher's)."""
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    log_s = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per position KL(p_student || p_teacher) = sum_v p_s(v) (log p_s(v) - log p_t(v)), exact over the vocabulary:
+    on-policy distillation's loss on the student's own samples, mode-seeking. (..., V) -> (...,), in float32 (or
+    wider); differentiable through the student's logits (detach the teacher's)."""
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    log_s = F.log_softmax(student_logits.to(acc), dim=-1)
+    log_t = F.log_softmax(teacher_logits.to(acc), dim=-1)
+    return (log_s.exp() * (log_s - log_t)).sum(-1)
