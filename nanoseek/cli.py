@@ -262,6 +262,19 @@ def chat(args: argparse.Namespace) -> None:
     run(engine, tokenizer, args.template, _sampling(args, tokenizer))
 
 
+def serve(args: argparse.Namespace) -> None:
+    from nanoseek.infer.server import Server, ServerSettings, run_server
+
+    engine, tokenizer = _engine(args)
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model, template=args.template, max_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+        thinking_budget=args.thinking_budget, max_queue=args.max_queue, api_key=args.api_key)
+    print(f"serving {settings.model_name} at http://{args.host}:{args.port}/ (web chat) and /v1 (OpenAI API)",
+          file=sys.stderr)
+    run_server(Server(engine, tokenizer, settings), args.host, args.port)
+
+
 def evaluate(args: argparse.Namespace) -> None:
     from nanoseek.data.problems import read_problems
     from nanoseek.eval import EvalConfig, check_template, format_table, heldout_problems
@@ -435,6 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "chat", "talk to a model in the terminal; its thinking is shown apart from the answer")
     _add_inference_options(p, temperature=0.6)
     p.set_defaults(func=chat)
+
+    p = command(sub, "serve", "an OpenAI-compatible HTTP server (chat completions with the reasoning in "
+                "reasoning_content, completions, /metrics) and a web chat page at /")
+    _add_inference_options(p, temperature=0.6)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=positive_int, default=8000, help="the port to listen on")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ (None: no key)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (None: the --model value)")
+    p.add_argument("--max-queue", type=non_negative_int, default=64,
+                   help="requests that may wait for a cache slot when all --max-batch are busy; more answer 429")
+    p.add_argument("--thinking-budget", type=non_negative_int, default=None,
+                   help="reasoning tokens at most for a request that sets no thinking_budget or reasoning_effort; "
+                        "then </think> is appended and the model answers (None: no cap)")
+    p.set_defaults(func=serve)
 
     defaults = EvalConfig()
     p = command(sub, "eval", "pass@1 over k samples, cons@k, greedy accuracy and format rate, per task, on held-out "

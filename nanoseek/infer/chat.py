@@ -189,26 +189,51 @@ def _stream_reply(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
                   printer: ThinkingPrinter) -> str:
     """Stream one reply through the printer -> its text (without the stop token). Ctrl-C stops the reply where
     it is (the engine drops the request) and keeps what came so far."""
-    tokens: list[int] = []
+    decoder = IncrementalDecoder(tokenizer)
     stream = engine.stream(prompt, params)
     try:
         for token in stream:
             if token in params.stop_ids:
                 break
-            tokens.append(token)
-            printer.write(_decode_increment(tokenizer, tokens))
+            printer.write(decoder.push(token))
+        printer.write(decoder.flush())
         printer.close()
     except KeyboardInterrupt:
         printer.close()
         printer.out.write("(stopped)\n")
     finally:
         stream.close()
-    return tokenizer.decode(tokens)
+    return tokenizer.decode(decoder.tokens)
 
 
-def _decode_increment(tokenizer: Tokenizer, tokens: list[int]) -> str:
-    """The text the last token adds (decoding the tail keeps multi-byte characters whole)."""
-    return tokenizer.decode(tokens[-8:]).removeprefix(tokenizer.decode(tokens[-8:-1]))
+class IncrementalDecoder:
+    """A completion's text as its tokens arrive, each piece once it is certain: a token that ends inside a
+    multi-byte character adds nothing until the token that completes it (alone it decodes to U+FFFD), and each
+    piece is decoded together with the tokens of the piece before, so that a decoder that drops the leading space
+    of a whole text (sentencepiece's) keeps it mid-text. The pieces joined are the decode of all the tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._start = 0  # the first token of the previous piece
+        self._done = 0  # the tokens whose text has been returned
+
+    def push(self, token: int) -> str:
+        """Add a token -> the text it makes certain ("" while a character is incomplete)."""
+        self.tokens.append(token)
+        before = self.tokenizer.decode(self.tokens[self._start:self._done])
+        text = self.tokenizer.decode(self.tokens[self._start:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self._start, self._done = self._done, len(self.tokens)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        """The text still held back, at the end of the tokens (an incomplete character shows as U+FFFD)."""
+        before = self.tokenizer.decode(self.tokens[self._start:self._done])
+        text = self.tokenizer.decode(self.tokens[self._start:])
+        self._start, self._done = self._done, len(self.tokens)
+        return text[len(before):]
 
 
 def stream_lines(lines: Iterable[str]) -> Callable[[str], str]:

@@ -65,6 +65,7 @@ class _Request:
     completion: Completion
     slot: int | None = None  # its cache slot, while running
     finished: bool = False
+    thought: bool = False  # the completion has closed the thinking (params.end_think_ids): no budget to enforce
 
 
 @contextmanager
@@ -111,6 +112,10 @@ class Engine:
         params = params or SamplingParams()
         self._check(prompt, params, "the prompt")
         return self._enqueue(prompt, params, params.seed).id
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise the EngineError that add_request would raise for this request, without queueing it."""
+        self._check(prompt, params, "the prompt")
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
@@ -231,11 +236,24 @@ class Engine:
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         outputs = []
         for request, token in zip(requests, tokens, strict=True):
+            token = self._budget_token(request, token)
             finished = append_token(request.completion, token, request.params, self.tokenizer)
             if finished:
                 self._finish(request)
             outputs.append(StepOutput(request.id, [token], request.completion if finished else None))
         return outputs
+
+    @staticmethod
+    def _budget_token(request: _Request, token: int) -> int:
+        """The sampled token, or the next token of </think> once the reasoning has used its thinking_budget."""
+        params, tokens = request.params, request.completion.tokens
+        if params.thinking_budget is None or request.thought:
+            return token
+        if len(tokens) >= params.thinking_budget:
+            token = params.end_think_ids[len(tokens) - params.thinking_budget]
+        end = params.end_think_ids
+        request.thought = (*tokens[max(0, len(tokens) + 1 - len(end)):], token) == end
+        return token
 
     def _finish(self, request: _Request) -> None:
         """Take a request out of the queue or its slot (freed for the next waiting one); decode its text."""

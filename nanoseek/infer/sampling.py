@@ -22,9 +22,18 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()  # needs the engine's tokenizer
     seed: int = 0  # the request's own generator; Engine.generate seeds its request i with seed + i
+    # A cap on the reasoning, for prompts that open <think>: once the completion has this many tokens and has not
+    # closed the thinking, the engine appends end_think_ids (</think>) in place of the next samples, and the model
+    # goes on to answer. None: no cap.
+    thinking_budget: int | None = None
+    end_think_ids: tuple[int, ...] = ()  # the tokens of </think>; needed with thinking_budget
 
     def __post_init__(self) -> None:
         kind = "sampling option"
+        if self.thinking_budget is not None:
+            require(self, self.thinking_budget >= 0, "thinking_budget", "must be >= 0 (None: no cap)", kind)
+            require(self, bool(self.end_think_ids), "end_think_ids",
+                    "must name the tokens of </think> that a thinking_budget appends", kind)
         require(self, self.max_new_tokens > 0, "max_new_tokens", "must be at least 1", kind)
         require(self, self.temperature >= 0, "temperature", "must be >= 0 (0 is greedy)", kind)
         require(self, 0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1 keeps every token)", kind)
