@@ -184,6 +184,17 @@ def r1(args: argparse.Namespace) -> None:
           + f"; {report['minutes']['total']:.1f} min (seed {report['seed']}); report: {args.out_dir}/report.md")
 
 
+def distill_vs_rl(args: argparse.Namespace) -> None:
+    from nanoseek.distill_vs_rl import DistillVsRLConfig, run_distill_vs_rl
+
+    report = run_distill_vs_rl(from_args(DistillVsRLConfig, args), resume=args.resume)
+    rows, budget = report["models"], report["budget"]
+    print("held-out pass@1: " + ", ".join(f"{row['label']} {100 * row['pass@1']:.1f}%" for row in rows.values())
+          + f"; arms: {budget['distill']['tokens']:,} / {budget['grpo']['tokens']:,} tokens in "
+          f"{budget['distill']['steps']} / {budget['grpo']['steps']} steps (budget: {budget['rule']}); "
+          f"{report['minutes']['total']:.1f} min; report: {args.out_dir}/report.md")
+
+
 def tokenizer_train(args: argparse.Namespace) -> None:
     from nanoseek.data.shards import read_documents
     from nanoseek.data.tokenizer import Tokenizer
@@ -402,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its latest checkpoint")
     add_dataclass_options(p, R1Config)
     p.set_defaults(func=r1)
+
+    from nanoseek import distill_vs_rl as comparison
+
+    p = command(sub, "distill-vs-rl", "DeepSeek-R1's finding at this scale: from one teacher, distill into a small "
+                "dense student (arm a) and run GRPO on the same student (arm b) for the same student-side budget, "
+                "evaluate the student, both arms and the teacher alike, in one report")
+    comparison.add_options(p)
+    p.set_defaults(func=distill_vs_rl)
 
     p = command(sub, "pretrain", "pretrain a model (no arguments: `small` on the built-in corpus)")
     pretrain_stage.add_options(p)

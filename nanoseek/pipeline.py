@@ -83,17 +83,18 @@ class StageRunner:
         self.minutes[name] = (time.perf_counter() - started) / 60
         self.timings.write_text(json.dumps(self.minutes, indent=2) + "\n")
 
-    def train(self, name: str, run_dir: Path, train: Callable[[bool], dict[str, Any]]) -> None:
-        """A training stage writing into run_dir, finished when its report.json exists. train(resume) runs it,
-        resuming when --resume was asked and the stage saved a checkpoint (a recipe stopped before a stage's
-        first checkpoint starts that stage afresh); a stage stopped by a signal ends the recipe."""
+    def train(self, name: str, run_dir: Path, train: Callable[[bool], dict[str, Any]], done: Path | None = None
+              ) -> None:
+        """A training stage writing into run_dir, finished when `done` (default: its report.json) exists.
+        train(resume) runs it, resuming when --resume was asked and the stage saved a checkpoint (a recipe stopped
+        before a stage's first checkpoint starts that stage afresh); a stage stopped by a signal ends the recipe."""
         def work() -> None:
             result = train(self.resume and (run_dir / "checkpoints" / "latest").exists())
             if result.get("stopped") is not None:
                 raise PipelineStopped(f"[{name}] stopped by signal {result['stopped']} at step {result['step']}; "
                                       f"continue with: nanoseek {self.command} --resume")
 
-        self.run(name, run_dir / "report.json", work)
+        self.run(name, done or run_dir / "report.json", work)
 
     def summary(self) -> dict[str, float]:
         """Each stage's minutes and their total."""

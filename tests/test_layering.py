@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("nanoseek.math_check", "nanoseek.rewards", "nanoseek.eval", "nanoseek.sample")),
     ("training", ("nanoseek.train",)),
     ("parallel", ("nanoseek.parallel",)),
-    ("recipes", ("nanoseek.pipeline", "nanoseek.r1")),
+    ("recipes", ("nanoseek.pipeline", "nanoseek.r1", "nanoseek.distill_vs_rl")),
     ("facade", ("nanoseek",)),
     ("cli", ("nanoseek.cli",)),
 ]
