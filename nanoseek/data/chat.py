@@ -6,6 +6,11 @@ A JSONL line is `{"messages": [{"role": "system" | "user" | "assistant", "conten
 reasoning is either inline, `<think>...</think>` at the start of its content, or a separate `reasoning_content`
 field (DeepSeek's API names). Conversations are rendered by the one chat template (`tokenizer.chat_pieces`), the
 one the engine's `chat` prompts use, and encoded piece by piece, so the mask is exact by construction.
+
+A checkpoint with a chat template of its own (a Hugging Face student's: data/template.py) is trained in that
+template instead (`template_samples`), the format it is prompted in: the reasoning reaches the template inline,
+`<think>\n{reasoning}\n</think>\n\n{answer}` in the content (most templates know no `reasoning_content`), and
+each assistant turn's tokens are found by rendering prefixes of the conversation (see `template_samples`).
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import json
 import random
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.data import tasks
 from nanoseek.data.shards import DataError
-from nanoseek.data.tokenizer import Tokenizer, chat_pieces
+from nanoseek.data.template import ChatTemplate
+from nanoseek.data.tokenizer import Tokenizer, chat_pieces, render_assistant
 
 ROLES = ("system", "user", "assistant")
 
@@ -175,6 +182,123 @@ def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[Sequence[
             mask += [learnt] * len(piece)
         out.append((ids, mask))
     return out
+
+
+# ---------------------------------------------------------------------- a checkpoint's own chat template
+TEMPLATES = ("auto", "deepseek", "checkpoint")
+# A reply whose place in a rendering is found by search: no whitespace or tags a template might trim or cut at.
+PROBE_REPLY = "NANOSEEK-PROBE-REPLY-7f3a"
+
+
+def chat_template_for(tokenizer: Tokenizer, choice: str) -> ChatTemplate | None:
+    """The chat template a stage trains in, by `--template` (one of TEMPLATES): the tokenizer's own (`checkpoint`,
+    or `auto` when it has one), or None for DeepSeek's built-in format (`deepseek`, or `auto` without one)."""
+    if choice not in TEMPLATES:
+        raise ValueError(f"unknown template {choice!r}; choose from {', '.join(TEMPLATES)}")
+    if choice == "deepseek":
+        return None
+    if choice == "checkpoint" and tokenizer.chat_template is None:
+        raise ChatDataError("--template checkpoint, but the model has no chat template of its own (no "
+                            "\"chat_template\" in its tokenizer_config.json, no chat_template.jinja); train in "
+                            "DeepSeek's chat format with --template deepseek (or auto)")
+    return tokenizer.chat_template
+
+
+def inline_reasoning(message: dict) -> dict:
+    """A message as a checkpoint's template is given it: an assistant's `reasoning_content` moved into its content
+    as DeepSeek-R1 writes it, `<think>\n{reasoning}\n</think>\n\n{answer}` (an empty one as an empty think block,
+    as chat_pieces renders it); inline reasoning and other messages as they are."""
+    if message.get("role") != "assistant" or message.get("reasoning_content") is None:
+        return message
+    rest = {k: v for k, v in message.items() if k != "reasoning_content"}
+    return {**rest, "content": render_assistant(message["reasoning_content"].strip(), message["content"], True)}
+
+
+def _reply_frame(template: ChatTemplate, history: list[dict]) -> tuple[str, str]:
+    """The rendering of history and an assistant reply, split at the reply's text: (up to it, after it: the end of
+    the turn). A ChatDataError when the template never writes the reply's text."""
+    text = template.render([*history, {"role": "assistant", "content": PROBE_REPLY}], add_generation_prompt=False)
+    if text.count(PROBE_REPLY) != 1:
+        raise ChatDataError(f"{template.origin}: the chat template never renders the assistant's content as it is "
+                            f"(a reply {PROBE_REPLY!r} is {'not in' if PROBE_REPLY not in text else 'twice in'} its "
+                            "rendering), so there is no reply to train on; train in DeepSeek's chat format with "
+                            "--template deepseek")
+    head, tail = text.split(PROBE_REPLY)
+    if not tail:
+        warnings.warn(f"{template.origin}: the chat template writes nothing after the assistant's reply (no end of "
+                      "turn), so fine-tuning in it teaches the model no end to its replies", stacklevel=2)
+    return head, tail
+
+
+def _continued_reply(template: ChatTemplate, prompt: str, content: str, head: str, tail: str) -> str:
+    """The text a model writes after the template's generation prompt `prompt` for a reply whose content (reasoning
+    inline) is `content`, with the template's end of turn `tail` (head: the turn's rendering up to the reply, see
+    _reply_frame): for a template that does not render the reply as written after its prompt, as
+    DeepSeek-R1-Distill's, whose turns keep only the text after `</think>` and whose prompt opens `<think>\n`. The
+    prompt must be the turn's opening plus a start of the reply (`<think>\n`, or nothing), which the reply must
+    start with."""
+    if not prompt.startswith(head):
+        raise ChatDataError(f"{template.origin}: the chat template's generation prompt (...{prompt[-40:]!r}) does not "
+                            f"start the assistant turn as the template renders one (...{head[-40:]!r}), so its "
+                            "reply cannot be placed after it; train in DeepSeek's chat format with --template deepseek")
+    opened = prompt[len(head):]
+    if not content.startswith(opened):
+        raise ChatDataError(f"{template.origin}: the chat template's generation prompt starts the reply with "
+                            f"{opened!r}, and this reply starts with {content[:len(opened)]!r}; give a reply "
+                            "without reasoning an empty \"reasoning_content\": \"\" (an empty think block)")
+    return content[len(opened):] + tail
+
+
+def template_samples(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[dict]
+                     ) -> list[tuple[list[int], list[bool]]]:
+    """A checked conversation in a checkpoint's own chat template -> training samples (token ids, whether the
+    assistant wrote each), the ids as transformers' `apply_chat_template(..., tokenize=True)` encodes the text.
+
+    Each assistant turn's text is what the template renders after its generation prompt: the rendering of the
+    conversation up to and including the turn, past the rendering of the conversation before it with
+    add_generation_prompt=True; that is the reply and the template's end of turn (its end of sentence, Llama 3's
+    `<|eot_id|>`), all in the loss. Where every turn's prompt and rendering are prefixes of the whole
+    conversation's rendering in tokens (Llama 3's, ChatML's templates), the conversation is one sample with every
+    turn masked in. Where they are not, each assistant turn is a sample of its own: the template's prompt for it
+    (the conversation before it, as the template shows history) and that turn alone in the loss, which is what the
+    model sees and writes when asked in the template. Templates that show earlier turns otherwise than they were
+    written break the property, as DeepSeek's and Qwen3's drop earlier turns' reasoning. A template that does not
+    render a turn's content as written (`| trim` aside) cannot show what to learn: DeepSeek-R1-Distill's keeps no
+    reasoning in any turn (`content.split('</think>')[-1]`), and its prompt opens `<think>\n`; there the turn's
+    text is the reply as written, after what the prompt already opened, plus the template's end of turn
+    (`_continued_reply`), a sample of its own."""
+    messages = [inline_reasoning(m) for m in messages]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if turns[0] == 0:
+        raise ChatDataError("message 0 is the assistant's: a chat template renders a reply after a prompt; start "
+                            "the conversation with a system or user message")
+    parts = []  # per assistant turn: (the template's prompt for it, its text, the rendering up to it)
+    for i in turns:
+        prompt = template.render(messages[:i], add_generation_prompt=True)
+        upto = template.render(messages[:i + 1], add_generation_prompt=False)
+        head, tail = _reply_frame(template, messages[:i])
+        content = messages[i]["content"]
+        if upto.startswith(prompt) and upto in (head + content + tail, head + content.strip() + tail):
+            parts.append((prompt, upto[len(prompt):], upto))
+        else:
+            parts.append((prompt, _continued_reply(template, prompt, content, head, tail), None))
+    full = template.render(messages, add_generation_prompt=False)
+    ids = tokenizer.encode(full)
+    mask = [False] * len(ids)
+    for prompt, _, upto in parts:
+        if upto is None or not full.startswith(upto):
+            break
+        prompt_ids, upto_ids = tokenizer.encode(prompt), tokenizer.encode(upto)
+        if ids[:len(upto_ids)] != upto_ids or upto_ids[:len(prompt_ids)] != prompt_ids:
+            break
+        mask[len(prompt_ids):len(upto_ids)] = [True] * (len(upto_ids) - len(prompt_ids))
+    else:
+        return [(ids, mask)]
+    samples = []
+    for prompt, reply, _ in parts:
+        prompt_ids, reply_ids = tokenizer.encode(prompt), tokenizer.encode(reply)
+        samples.append((prompt_ids + reply_ids, [False] * len(prompt_ids) + [True] * len(reply_ids)))
+    return samples
 
 
 # ---------------------------------------------------------------------- built-in non-reasoning instructions

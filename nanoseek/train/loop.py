@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from nanoseek.atomic import replace_directory, write_text
 from nanoseek.checkpoint import load_pretrained, resolve_checkpoint, save_pretrained
 from nanoseek.config import require
-from nanoseek.data.tokenizer import PAD, Tokenizer
+from nanoseek.data.chat import ChatDataError, chat_template_for
+from nanoseek.data.tokenizer import PAD, Tokenizer, TokenizerError
 from nanoseek.errors import NanoseekError
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.attention import MultiHeadLatentAttention
@@ -214,19 +215,34 @@ def resume_arguments(args: argparse.Namespace) -> dict[str, Any]:
     return {"resume": True, "changes": given_options(args.parser, args, args.argv)}
 
 
-def load_start_model(source: str, seq_len: int, tokens: tuple[str, ...], error: type[Exception]
-                     ) -> tuple[Path, Tokenizer, DeepSeekV3]:
+def load_start_model(source: str, seq_len: int, tokens: tuple[str, ...], error: type[Exception],
+                     template: str = "deepseek") -> tuple[Path, Tokenizer, DeepSeekV3]:
     """The model a fine-tuning stage starts from -> its checkpoint directory, tokenizer and model. source: a
-    checkpoint directory, or a run's directory (its latest checkpoint). The tokenizer must have `tokens` (else the
-    chat template's tags would be encoded as text) and the model's context must hold seq_len tokens; `error` is
-    the stage's error type."""
+    checkpoint directory, or a run's directory (its latest checkpoint). template: the chat format the stage trains
+    in, a `--template` choice (data/chat.chat_template_for); when that is DeepSeek's, the tokenizer must have
+    `tokens`, DeepSeek's chat tags (else they would be encoded as text); a checkpoint's own template needs none. The
+    model's context must hold seq_len tokens; `error` is the stage's error type."""
     path = resolve_checkpoint(source)
     if not path.is_dir():
         raise error(f"no model at {path}: pass --model a checkpoint directory or a training run's directory "
                     "(`nanoseek pretrain` writes runs/pretrain, `nanoseek sft` runs/sft)")
     tokenizer = Tokenizer.load(path)
-    for token in tokens:
-        tokenizer.token_id(token)
+    try:
+        own = chat_template_for(tokenizer, template)
+    except ChatDataError as e:
+        raise error(f"{path}: {e}") from None
+    missing = []
+    for token in tokens if own is None else ():
+        try:
+            tokenizer.token_id(token)
+        except TokenizerError:
+            missing.append(token)
+    if missing:
+        own_template = tokenizer.chat_template
+        raise error(f"{path}: its tokenizer has no {', '.join(map(repr, missing))} token, which DeepSeek's chat "
+                    "format needs (its tags would be encoded as text)" + (
+                        f"; it has a chat template of its own ({own_template.origin}), which `nanoseek sft "
+                        "--template auto` trains in" if own_template else ""))
     model = load_pretrained(path)
     if seq_len > model.config.max_position_embeddings:
         raise error(f"seq_len {seq_len} is longer than the model's context "

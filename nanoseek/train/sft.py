@@ -4,8 +4,12 @@ shared training step.
 Conversations (chat JSONL, or with no data the built-in cold-start conversations of nanoseek/data/chat.py) are
 rendered with DeepSeek's chat template and trained with the next-token loss on the assistant's tokens only: its
 reasoning, answer and end of sentence; never the system or user text nor the `<｜Assistant｜>` tag
-(data/chat.encode_conversations builds the ids and the mask piece by piece). A step's loss is the mean over all of
-its assistant tokens, however the step is cut into micro-batches.
+(data/chat.encode_conversations builds the ids and the mask piece by piece). A start model with a chat template of
+its own (a Hugging Face student's tokenizer_config.json or chat_template.jinja) is trained in that template instead,
+the format it is prompted in (`--template`, default auto; data/chat.template_samples: the assistant's turns,
+each with the template's end of turn, found by rendering prefixes; a template that shows earlier turns otherwise
+than written, as R1-Distill's, gives each assistant turn a sample of its own, counted as a conversation). A step's
+loss is the mean over all of its assistant tokens, however the step is cut into micro-batches.
 
 Batching: each conversation is right-padded to a row of its own (attention is causal, so a row's tokens never see
 the padding after them); a step's rows are sorted by length and cut into micro-batches of at most
@@ -36,14 +40,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from nanoseek.checkpoint import load_pretrained, tokenizer_files
 from nanoseek.config import ModelConfig, require
 from nanoseek.data import tasks
-from nanoseek.data.chat import Conversation, cold_start_conversations, encode_conversations, read_conversations
+from nanoseek.data.chat import (ChatDataError, Conversation, chat_template_for, cold_start_conversations,
+                                 encode_conversations, read_conversations, template_samples)
+from nanoseek.data.template import ChatTemplate, ChatTemplateError
 from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER, Tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import EvalConfig, evaluate, heldout_problems
@@ -81,6 +87,10 @@ class SFTConfig:
     eval_problems: int = 20  # with the built-in data: held-out problems per task for the greedy accuracy in the
                              # chat format, before and after (0: skip)
     eval_max_new_tokens: int = 160  # the length limit of that check's completions
+    template: Literal["auto", "deepseek", "checkpoint"] = "auto"  # the chat format trained in: checkpoint (the
+                               # model's own chat template, a Hugging Face checkpoint's: the format it is prompted
+                               # in), deepseek (DeepSeek-V3/R1's), auto (the model's own when it has one, else
+                               # DeepSeek's)
 
     def __post_init__(self) -> None:
         self.data, self.heldout_data = tuple(self.data), tuple(self.heldout_data)
@@ -248,16 +258,27 @@ class SFTData:
     builtin: bool
 
 
-def encode(tokenizer: Tokenizer, conversations: list[Conversation], seq_len: int
-           ) -> tuple[list[Encoded], list[tuple[str, int]]]:
-    """-> the encoded conversations of at most seq_len tokens, and (source, tokens) of the longer ones."""
+def encode(tokenizer: Tokenizer, conversations: list[Conversation], seq_len: int,
+           template: ChatTemplate | None = None) -> tuple[list[Encoded], list[tuple[str, int]]]:
+    """-> the encoded conversations of at most seq_len tokens, and (source, tokens) of the longer ones; in DeepSeek's
+    chat format, or in `template` (a checkpoint's own: one or more samples a conversation, see
+    data/chat.template_samples)."""
+    if template is None:
+        encoded = [[sample] for sample in encode_conversations(tokenizer, [c.messages for c in conversations])]
+    else:
+        encoded = []
+        for conversation in conversations:
+            try:
+                encoded.append(template_samples(tokenizer, template, conversation.messages))
+            except (ChatDataError, ChatTemplateError) as e:
+                raise ChatDataError(f"{conversation.source}: {e}") from None
     kept, skipped = [], []
-    encoded = encode_conversations(tokenizer, [c.messages for c in conversations])
-    for conversation, (ids, mask) in zip(conversations, encoded, strict=True):
-        if len(ids) > seq_len:
-            skipped.append((conversation.source, len(ids)))
-        else:  # a checked conversation ends with an assistant reply: it has assistant tokens to learn
-            kept.append(Encoded(ids, mask, conversation.source))
+    for conversation, samples in zip(conversations, encoded, strict=True):
+        for ids, mask in samples:
+            if len(ids) > seq_len:
+                skipped.append((conversation.source, len(ids)))
+            else:  # a checked conversation ends with an assistant reply: it has assistant tokens to learn
+                kept.append(Encoded(ids, mask, conversation.source))
     return kept, skipped
 
 
@@ -282,8 +303,9 @@ def load_data(cfg: SFTConfig, tokenizer: Tokenizer, seed: int) -> SFTData:
             chosen = set(random.Random(f"sft-heldout/{seed}").sample(range(len(train)), n_heldout))
             heldout = [c for i, c in enumerate(train) if i in chosen]
             train = [c for i, c in enumerate(train) if i not in chosen]
-    train_rows, train_skipped = encode(tokenizer, train, cfg.seq_len)
-    heldout_rows, heldout_skipped = encode(tokenizer, heldout, cfg.seq_len)
+    template = chat_template_for(tokenizer, cfg.template)
+    train_rows, train_skipped = encode(tokenizer, train, cfg.seq_len, template)
+    heldout_rows, heldout_skipped = encode(tokenizer, heldout, cfg.seq_len, template)
     if not train_rows:
         raise SFTError(f"all {len(train)} training conversations are longer than seq_len={cfg.seq_len} tokens "
                        f"(the first: {train_skipped[0][0]}, {train_skipped[0][1]} tokens); raise --seq-len")
@@ -323,7 +345,8 @@ def run_sft(sft: SFTConfig | None = None, train: TrainConfig | None = None, resu
     resume: continue the run in train.out_dir with its own saved settings (changes: see run_settings)."""
     sft, train = run_settings("sft", SFTConfig, sft, train, resume, changes, defaults=SFT_TRAIN_DEFAULTS)
     out = Path(train.out_dir)
-    path, tokenizer, model = load_start_model(sft.model, sft.seq_len, (USER, ASSISTANT, THINK, END_THINK), SFTError)
+    path, tokenizer, model = load_start_model(sft.model, sft.seq_len, (USER, ASSISTANT, THINK, END_THINK), SFTError,
+                                              sft.template)
     data = load_data(sft, tokenizer, train.seed)
     if data.skipped["train"] or data.skipped["heldout"]:
         print(f"nanoseek: warning: skipped {data.skipped['train']} training and {data.skipped['heldout']} held-out "
