@@ -272,7 +272,7 @@ def test_the_checkpoints_chat_template_and_generation_settings_survive_fine_tuni
 
     start = tmp_path / "hf"
     shutil.copytree(base, start)
-    extra = {"chat_template.jinja": "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}",
+    extra = {"chat_template.jinja": "{{ bos_token }}{% for m in messages %}{{ m.content }}<｜end▁of▁sentence｜>{% endfor %}",
              "generation_config.json": '{"temperature": 0.6, "top_p": 0.95}'}
     for name, text in extra.items():
         (start / name).write_text(text)
