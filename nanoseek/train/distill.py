@@ -239,7 +239,7 @@ def open_student(distill: DistillConfig, teacher: Path, seed: int) -> Student:
                                          f"--tokenizer {teacher / 'tokenizer.json'} --out-dir {DEFAULT_STUDENT}`; or "
                                          "--student-preset")
         try:
-            _, tokenizer, model = load_start_model(str(path), distill.seq_len, CHAT_TOKENS, DistillError)
+            _, tokenizer, model = load_start_model(str(path), distill.seq_len, CHAT_TOKENS, DistillError, "auto")
         except (ConfigError, CheckpointError) as e:
             raise DistillError(f"the student: {e}") from None
         return Student(path, tokenizer, model, tokenizer_files(path))
