@@ -115,3 +115,48 @@ def test_casting_to_bf16_keeps_rope_frequencies_and_balancing_bias_in_float32():
     cos16, sin16 = model.rotary(positions)
     assert torch.equal(cos16, cos32) and torch.equal(sin16, sin32)
     assert model.embed_tokens.weight.dtype == torch.bfloat16  # everything else is cast
+
+
+# ---------------------------------------------------------------------- packed documents
+def test_document_causal_mask_by_hand():
+    from nanoseek.model.attention import document_causal_mask
+
+    bos = 0
+    mask = document_causal_mask(torch.tensor([[7, bos, 5, 6, bos, 9]]), bos)[0]
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],  # tokens before the first bos: a document of their own
+                             [0, 1, 0, 0, 0, 0],
+                             [0, 1, 1, 0, 0, 0],
+                             [0, 1, 1, 1, 0, 0],
+                             [0, 0, 0, 0, 1, 0],
+                             [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_masked_packed_row_is_each_document_run_alone(dense):
+    """With the document mask, each document of a packed row gets the hidden states it gets alone, from position 0
+    (RoPE scores depend only on relative positions); without it, the later documents see the earlier ones."""
+    from nanoseek.config import get_preset
+    from nanoseek.model.attention import document_causal_mask
+    from nanoseek.model.dense import build_model
+
+    config = get_preset("qwen2-tiny") if dense else tiny_config()
+    torch.manual_seed(0)
+    model = build_model(config).double()
+    randomize(model, seed=1)
+    bos = config.bos_token_id
+    docs = [[bos, 5, 9, 14], [bos, 3], [bos, 8, 8, 21, 4, 2]]
+    row = torch.tensor([sum(docs, [])])
+
+    def hidden(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        cos, sin = model.rope(ids.shape[1])
+        return model.run_layers(model.embed_tokens(ids), cos, sin, mask=mask)[0]
+
+    with torch.no_grad():
+        packed = hidden(row, document_causal_mask(row, bos))[0]
+        alone = torch.cat([hidden(torch.tensor([d]), None)[0] for d in docs])
+        unmasked = hidden(row, None)[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)  # the router scores in float32: ~1e-6
+    assert (unmasked[len(docs[0]):] - alone[len(docs[0]):]).abs().max() > 1e-3
+    loss = model.compute_loss(row, torch.roll(row, -1, 1), document_mask=True).loss
+    assert torch.isfinite(loss)

@@ -176,18 +176,21 @@ def test_node_limited_routing_reaches_at_most_topk_group_nodes():
     assert max(reached) <= config.topk_group and max(reached) == 2
 
 
-def test_pipeline_chunks_chained_equal_compute_loss():
+@pytest.mark.parametrize("document_mask", [False, True])
+def test_pipeline_chunks_chained_equal_compute_loss(document_mask):
     """The 2 * pp chunks run in one process, one after another, give compute_loss's gradients and stats: the chunks
-    are the model's own pieces (rope, run_layers, head_loss), the balance loss's weighting included. In float64,
-    but the router scores in float32: where the share multiplies moves the gradients through it by ~1e-7."""
+    are the model's own pieces (rope, run_layers, head_loss), the balance loss's weighting and the document mask
+    included. In float64, but the router scores in float32: where the share multiplies moves the gradients through
+    it by ~1e-7."""
     from nanoseek.parallel.pipeline import Chunk, StepWeights, chunk_layers
     from nanoseek.train.pretrain import TokenBatch
 
     model = fresh_model().double()
     inputs, targets = RandomTokens(512, 16).next_batch(4)
+    inputs[:, [0, 5, 11]] = model.config.bos_token_id  # three packed documents per row
     n_tokens = int((targets != -100).sum())
-    micro = [TokenBatch(inputs[i:i + 1], targets[i:i + 1], int((targets[i:i + 1] != -100).sum()) / n_tokens)
-             for i in range(4)]
+    micro = [TokenBatch(inputs[i:i + 1], targets[i:i + 1], int((targets[i:i + 1] != -100).sum()) / n_tokens,
+                        document_mask) for i in range(4)]
     weights = StepWeights(mtp=0.3, balance=0.01)
     chunks = [Chunk(model, layers, first=c == 0, last=c == 3, weights=weights)
               for c, layers in enumerate(chunk_layers(4, pp=2))]
@@ -202,7 +205,8 @@ def test_pipeline_chunks_chained_equal_compute_loss():
     model.zero_grad()
     totals, counts = torch.zeros(3, dtype=torch.float64), 0
     for mb in micro:
-        out = model.compute_loss(mb.input_ids, mb.targets, mtp_weight=0.3, balance_alpha=0.01)
+        out = model.compute_loss(mb.input_ids, mb.targets, mtp_weight=0.3, balance_alpha=0.01,
+                                 document_mask=document_mask)
         (out.loss * mb.share).backward()
         totals += torch.stack([t.detach().double() for t in (out.lm_loss, out.mtp_loss, out.balance_loss)]) * mb.share
         counts = counts + out.expert_counts

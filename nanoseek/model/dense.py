@@ -21,7 +21,7 @@ from torch import nn
 
 from nanoseek.config import DenseConfig
 from nanoseek.model.layers import FeedForward
-from nanoseek.model.attention import KVCacheLayer
+from nanoseek.model.attention import KVCacheLayer, attend
 from nanoseek.model.rope import apply_rope
 from nanoseek.model.transformer import Block, DeepSeekV3
 
@@ -40,10 +40,11 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLayer | None = None
-                ) -> torch.Tensor:
-        """x (B, S, hidden), cos/sin (1 or B, S, head_dim/2) -> (B, S, hidden). With a cache (inference), the new
-        tokens' keys and values are appended to it and the queries attend over everything cached for their rows."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCacheLayer | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, hidden), cos/sin (1 or B, S, head_dim/2) -> (B, S, hidden); mask (B, S, S) or None (causal), as
+        MultiHeadLatentAttention's. With a cache (inference), the new tokens' keys and values are appended to it
+        and the queries attend over everything cached for their rows."""
         q = apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin, interleaved=False)
         k = apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin, interleaved=False)
         v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
@@ -51,8 +52,8 @@ class GroupedQueryAttention(nn.Module):
             return self.o_proj(self._cached(q, *cache.update(k, v)))
         # SDPA takes (B, heads, S, d); enable_gqa lets each key/value head serve its group of query heads without
         # copying it kv_groups times.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                     enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import KVCacheLayer, LatentCacheLayer, MultiHeadLatentAttention
+from nanoseek.model.attention import (KVCacheLayer, LatentCacheLayer, MultiHeadLatentAttention,
+                                      document_causal_mask)
 from nanoseek.model.layers import FeedForward, RMSNorm
 from nanoseek.model.losses import IGNORE_INDEX, linear_cross_entropy, mtp_linear_cross_entropy
 from nanoseek.model.moe import MoE, RoutedExperts, Router
@@ -49,9 +50,10 @@ class Block(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCacheLayer | KVCacheLayer | None = None):
-        """-> x, and for an MoE block its tokens per expert and balance loss (else None, None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+                cache: LatentCacheLayer | KVCacheLayer | None = None, mask: torch.Tensor | None = None):
+        """-> x, and for an MoE block its tokens per expert and balance loss (else None, None). mask: the
+        attention's (B, S, S), None for causal."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, counts, balance = self.mlp(h)
@@ -75,9 +77,9 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCacheLayer | None = None):
+                cache: LatentCacheLayer | None = None, mask: torch.Tensor | None = None):
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(hidden)], dim=-1))
-        return self.block(x, cos, sin, cache)
+        return self.block(x, cos, sin, cache, mask)
 
 
 class Routed(NamedTuple):
@@ -172,18 +174,19 @@ class DeepSeekV3(nn.Module):
         return cos.unsqueeze(0), sin.unsqueeze(0)
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   layer_ids: Iterable[int] | None = None,
-                   cache: InferenceCache | None = None) -> tuple[torch.Tensor, dict[int, Routed]]:
-        """The blocks layer_ids (default: all, in order) on x (B, S, H) -> x (B, S, H), and each MoE layer's Routed."""
+                   layer_ids: Iterable[int] | None = None, cache: InferenceCache | None = None,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, Routed]]:
+        """The blocks layer_ids (default: all, in order) on x (B, S, H) -> x (B, S, H), and each MoE layer's Routed.
+        mask: the attention mask (B, S, S) of packed documents (document_mask), None for causal."""
         routed: dict[int, Routed] = {}
         for i in range(len(self.layers)) if layer_ids is None else layer_ids:
-            x, counts, balance = self.layers[i](x, cos, sin, None if cache is None else cache.layer(i))
+            x, counts, balance = self.layers[i](x, cos, sin, None if cache is None else cache.layer(i), mask)
             if counts is not None:
                 routed[i] = Routed(counts, balance)
         return x, routed
 
-    def run_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, Routed]]:
+    def run_mtp(self, hidden: torch.Tensor, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], dict[int, Routed]]:
         """The MTP depths from the main model's final normed hidden (B, S, H) -> each depth k's normed hidden
         (B, S-k, H) and each MoE block's Routed (depth k's block is layer num_hidden_layers + k - 1).
 
@@ -195,14 +198,15 @@ class DeepSeekV3(nn.Module):
             if length <= 0:
                 break
             prev, counts, balance = module(prev[:, :length], self.embed_tokens(input_ids[:, k:]), cos[:, :length],
-                                           sin[:, :length])
+                                           sin[:, :length], mask=None if mask is None else mask[:, :length, :length])
             if counts is not None:
                 routed[self.config.num_hidden_layers + k - 1] = Routed(counts, balance)
             depths.append(module.norm(prev))
         return depths, routed
 
     def head_loss(self, x: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float,
-                  cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, Routed]]:
+                  cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, Routed]]:
         """From the last block's output x (B, S, H): the final norm, the output head's cross-entropy and, when
         mtp_weight > 0, the MTP depths' -> lm loss, MTP loss (None when MTP is off), the MTP blocks' Routed.
 
@@ -213,7 +217,7 @@ class DeepSeekV3(nn.Module):
         lm_loss = linear_cross_entropy(hidden, self.lm_head.weight, targets)
         if mtp_weight <= 0 or not self.mtp:
             return lm_loss, None, {}
-        depths, routed = self.run_mtp(hidden, input_ids, cos, sin)
+        depths, routed = self.run_mtp(hidden, input_ids, cos, sin, mask)
         depth_loss = mtp_linear_cross_entropy(depths, self.lm_head.weight, targets) if depths else None
         return lm_loss, depth_loss, routed
 
@@ -250,18 +254,20 @@ class DeepSeekV3(nn.Module):
         return self.lm_head(self.mtp[0].norm(x))
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float | None = None,
-                     balance_alpha: float | None = None) -> LossOutput:
+                     balance_alpha: float | None = None, document_mask: bool = False) -> LossOutput:
         """Training loss. targets (B, S): the next token of each position, IGNORE_INDEX where none.
 
         mtp_weight (lambda) and balance_alpha default to the config's; 0 switches a term off (MTP off also
-        skips the MTP forward). The head's cross-entropy runs fused (head_loss).
+        skips the MTP forward). The head's cross-entropy runs fused (head_loss). document_mask: rows hold packed
+        documents, each opened by bos_token_id, and each attends only within itself (document_causal_mask).
         """
         c = self.config
         mtp_weight = c.mtp_loss_weight if mtp_weight is None else mtp_weight
         balance_alpha = c.aux_loss_alpha if balance_alpha is None else balance_alpha
         cos, sin = self.rope(input_ids.shape[1])
-        x, routed = self.run_layers(self.embed_tokens(input_ids), cos, sin)
-        lm_loss, depth_loss, mtp_routed = self.head_loss(x, input_ids, targets, mtp_weight, cos, sin)
+        mask = document_causal_mask(input_ids, c.bos_token_id) if document_mask else None
+        x, routed = self.run_layers(self.embed_tokens(input_ids), cos, sin, mask=mask)
+        lm_loss, depth_loss, mtp_routed = self.head_loss(x, input_ids, targets, mtp_weight, cos, sin, mask)
         routed |= mtp_routed
         loss = lm_loss if depth_loss is None else lm_loss + mtp_weight * depth_loss
         balance = torch.stack([r.balance for r in routed.values()]).sum() if routed else lm_loss.new_zeros(())

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
 from nanoseek.model import DeepSeekV3
+from nanoseek.model.attention import document_causal_mask
 from nanoseek.model.moe import MoE, Router
 from nanoseek.model.transformer import Routed
 from nanoseek.parallel.mesh import LayoutError, ParallelContext
@@ -49,6 +50,7 @@ class MicroBatch(Protocol):
     input_ids: torch.Tensor  # (mb, S)
     targets: torch.Tensor  # (mb, S)
     share: float  # its tokens / the step's tokens (all data-parallel ranks)
+    document_mask: bool  # each packed document attends only within itself (model.attention.document_causal_mask)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Chunk(nn.Module):
         super().__init__()
         self.first, self.last, self.weights, self.layer_ids = first, last, weights, layer_ids
         self.rope, self.run_layers, self.head_loss = model.rope, model.run_layers, model.head_loss
+        self.bos_token_id = model.config.bos_token_id
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         if first or last:
             self.embed_tokens = model.embed_tokens  # the last chunk's MTP modules embed too (same rank)
@@ -97,11 +100,12 @@ class Chunk(nn.Module):
         if self.first:
             x = self.embed_tokens(x)
         cos, sin = self.rope(x.shape[1])
-        x, routed = self.run_layers(x, cos, sin, self.layer_ids)
+        mask = document_causal_mask(mb.input_ids, self.bos_token_id) if mb.document_mask else None
+        x, routed = self.run_layers(x, cos, sin, self.layer_ids, mask=mask)
         if not self.last:
             aux = self._aux(routed, mb.share)
             return x if aux is None else AddAuxLoss.apply(x, aux)
-        lm, depth, mtp_routed = self.head_loss(x, mb.input_ids, mb.targets, self.weights.mtp, cos, sin)
+        lm, depth, mtp_routed = self.head_loss(x, mb.input_ids, mb.targets, self.weights.mtp, cos, sin, mask)
         aux = self._aux(routed | mtp_routed, mb.share)
         self.totals[0] += float(lm.detach()) * mb.share
         loss = lm

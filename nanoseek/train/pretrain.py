@@ -70,7 +70,12 @@ class PretrainConfig:
     seq_len: int = 256  # tokens per training sequence
     # Each training window opens on a document's bos, so no document is trained on without its start (its
     # question); False: windows at multiples of seq_len, cutting documents wherever they fall.
-    align_windows: bool = False
+    align_windows: bool = True
+    # Each packed document attends only within itself, as at inference where a prompt starts at its own bos;
+    # False: attention runs across the window's documents. Together with align_windows it lifted the embedded
+    # default's base pass@1 on seeds 0 and 1 from 16.5%/14.7% (aligned windows alone) to 26.3%/26.1%
+    # (docs/pretraining.md).
+    document_mask: bool = True
     batch_size: int = 8  # sequences per optimizer step once the ramp is over (many small steps learn
                          # the built-in tasks faster than few large ones in a fixed CPU budget)
     micro_batch_size: int = 8  # sequences per forward/backward; the step accumulates gradients over them
@@ -115,6 +120,7 @@ class TokenBatch(NamedTuple):
     input_ids: torch.Tensor  # (micro_batch, S)
     targets: torch.Tensor  # (micro_batch, S), -100 where there is no next token
     share: float  # its target tokens / the step's (all data-parallel ranks)
+    document_mask: bool  # each packed document attends only within itself
 
 
 class LanguageModelStage:
@@ -148,7 +154,8 @@ class LanguageModelStage:
         mtp_weight = mtp_weight_at(trainer.step, trainer.cfg.max_steps, cfg)
         self.weights = (mtp_weight, trainer.aux_alpha)
         micro = [TokenBatch(inputs[i:i + mb], targets[i:i + mb],
-                            int((targets[i:i + mb] != -100).sum()) / max(1, n_tokens))  # its share of the step
+                            int((targets[i:i + mb] != -100).sum()) / max(1, n_tokens),  # its share of the step
+                            cfg.document_mask)
                  for i in range(0, len(inputs), mb)]
         record = {"batch_size": n_seq, "mtp_weight": mtp_weight}
         if mtp_weight == 0 or not self.has_mtp:
@@ -157,7 +164,8 @@ class LanguageModelStage:
 
     def loss(self, model: DeepSeekV3, batch: TokenBatch) -> LossTerms:
         mtp_weight, alpha = self.weights
-        out = model.compute_loss(batch.input_ids, batch.targets, mtp_weight=mtp_weight, balance_alpha=alpha)
+        out = model.compute_loss(batch.input_ids, batch.targets, mtp_weight=mtp_weight, balance_alpha=alpha,
+                                 document_mask=batch.document_mask)
         stats = {key: float(value.detach()) * batch.share for key in ("loss", "lm_loss", "mtp_loss", "balance_loss")
                  if (value := getattr(out, key)) is not None}
         return LossTerms(out.loss * batch.share, stats, out.expert_counts)
@@ -173,7 +181,7 @@ class LanguageModelStage:
                                     self.cfg.eval_batches):
             with trainer.autocast_context():
                 out = trainer.model.compute_loss(x.to(trainer.device), y.to(trainer.device), mtp_weight=0.0,
-                                                 balance_alpha=0.0)
+                                                 balance_alpha=0.0, document_mask=self.cfg.document_mask)
             n = int((y != -100).sum())
             total, weight = total + float(out.lm_loss) * n, weight + n
         return {"kind": "heldout", "step": trainer.step, "tokens": trainer.tokens, "loss": total / max(1, weight)}
