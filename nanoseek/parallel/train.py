@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +83,14 @@ def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, r
     ctx = init_parallel(Layout(dp=dist.get_world_size()), model.config, train.device)
     stage = GRPOStage(tokenizer, problems, grpo)
     trainer = ParallelTrainer(model, stage, train, ctx, model_files=tokenizer_files(path))
-    started = time.perf_counter()
     result = _fit(trainer, resume, f"GRPO, {ctx.layout.dp} data-parallel ranks")
     if trainer.is_main and result["stopped"] is None:
-        write_report(trainer.out_dir, path, result["step"], (time.perf_counter() - started) / 60, train.seed,
-                     grpo.problems)
+        write_report(trainer.out_dir, path, result["step"], result["minutes"], train.seed, grpo.problems)
     return result
 
 
 def _fit(trainer: ParallelTrainer, resume: bool, what: str) -> dict:
-    if resume:
-        trainer.resume()
-    result = trainer.fit(progress=trainer.is_main)
+    result = trainer.fit(progress=trainer.is_main, resume=resume)
     if trainer.is_main:
         held = result["heldout"]
         print(f"{what} ({trainer.device.type}): {trainer.step} steps, {trainer.tokens:,} tokens"

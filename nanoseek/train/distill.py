@@ -487,14 +487,11 @@ def run_distill(distill: DistillConfig | None = None, train: TrainConfig | None 
                  if distill.method == "sft" else
                  LogitDistillStage(distill, data, samples, student.model.config, pad_id, train.seed, teacher, vocab))
     trainer = Trainer(student.model, stage, train, model_files=student.files)
-    if resume:
-        trainer.resume()
-    started = time.perf_counter()
-    result = trainer.fit(progress=progress)
+    result = trainer.fit(progress=progress, resume=resume)
     if result["stopped"] is not None:
         return result
     before = open_student(distill, teacher_path, train.seed).model.to(device)
-    return write_report(trainer, distill, train, before, student, data, summary, (time.perf_counter() - started) / 60)
+    return write_report(trainer, distill, train, before, student, data, summary, result["minutes"])
 
 
 # ---------------------------------------------------------------------- the report

@@ -601,12 +601,9 @@ def run_grpo(grpo: GRPOConfig | None = None, train: TrainConfig | None = None, r
     tokenizer = Tokenizer.load(path)
     trainer = grpo_trainer(load_pretrained(path), tokenizer, train, grpo, rewards,
                            model_files=tokenizer_files(path), problems=problems)
-    if resume:
-        trainer.resume()
-    started = time.perf_counter()
-    result = trainer.fit(progress=progress)
+    result = trainer.fit(progress=progress, resume=resume)
     if result["stopped"] is None:
-        write_report(out, path, result["step"], (time.perf_counter() - started) / 60, train.seed, grpo.problems)
+        write_report(out, path, result["step"], result["minutes"], train.seed, grpo.problems)
     return result
 
 

@@ -611,10 +611,15 @@ class Trainer:
         settings = {"stage": self.stage.name, "train": asdict(self.cfg), self.stage.name: self.stage.settings()}
         write_text(self.out_dir / "run.json", json.dumps(settings, indent=2) + "\n")
 
-    def fit(self, progress: bool = True) -> dict[str, Any]:
-        """Train to max_steps. SIGINT/SIGTERM finish the current step, save, and return (stopped=signal)."""
+    def fit(self, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+        """Train to max_steps, after resume() when resume is set. SIGINT/SIGTERM finish the current step, save, and
+        return (stopped=signal). -> step, tokens, stopped, the last held-out evaluation and the minutes this call
+        took (its training, with the resume, without what came before)."""
         from tqdm import tqdm
 
+        started = time.perf_counter()
+        if resume:
+            self.resume()
         cfg = self.cfg
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -653,4 +658,5 @@ class Trainer:
             if log:
                 log.close()
                 plot_run(self.out_dir)
-        return {"step": self.step, "tokens": self.tokens, "stopped": self.stop_signal, "heldout": last_eval}
+        return {"step": self.step, "tokens": self.tokens, "stopped": self.stop_signal, "heldout": last_eval,
+                "minutes": (time.perf_counter() - started) / 60}

@@ -255,9 +255,7 @@ def pretrain(config: PretrainConfig | None = None, train: TrainConfig | None = N
                          align_token=tokenizer.bos_id if config.align_windows else None)
     stage = LanguageModelStage(loader, config, model_config, heldout_data=data_dir)
     trainer = Trainer(model, stage, train, model_files={"tokenizer.json": data_dir / "tokenizer.json"})
-    if resume:
-        trainer.resume()
-    result = trainer.fit(progress=progress)
+    result = trainer.fit(progress=progress, resume=resume)
     if result["stopped"] is not None:
         return result
 

@@ -29,7 +29,6 @@ import json
 import math
 import random
 import sys
-import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -444,13 +443,10 @@ def run_rm(rm: RMConfig | None = None, train: TrainConfig | None = None, resume:
         train = steps_for_epochs(rm.epochs, len(data.train), rm.batch_size, train, RM_TRAIN_DEFAULTS.max_steps,
                                  RMError)
     trainer = rm_trainer(model, tokenizer, data, rm, train, model_files=tokenizer_files(path))
-    if resume:
-        trainer.resume()
-    started = time.perf_counter()
-    result = trainer.fit(progress=progress)
+    result = trainer.fit(progress=progress, resume=resume)
     if result["stopped"] is not None:
         return result
-    return write_report(out, path, trainer, tokenizer, data, rm, train, (time.perf_counter() - started) / 60)
+    return write_report(out, path, trainer, tokenizer, data, rm, train, result["minutes"])
 
 
 def write_report(out: Path, base: Path, trainer: RewardModelTrainer, tokenizer: Tokenizer, data: RMData,

@@ -37,7 +37,6 @@ import hashlib
 import json
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -356,13 +355,10 @@ def run_sft(sft: SFTConfig | None = None, train: TrainConfig | None = None, resu
         train = steps_for_epochs(sft.epochs, len(data.train), sft.batch_size, train, SFT_TRAIN_DEFAULTS.max_steps,
                                  SFTError)
     trainer = sft_trainer(model, tokenizer, data, sft, train, model_files=tokenizer_files(path))
-    if resume:
-        trainer.resume()
-    started = time.perf_counter()
-    result = trainer.fit(progress=progress)
+    result = trainer.fit(progress=progress, resume=resume)
     if result["stopped"] is not None:
         return result
-    return write_report(out, path, trainer, tokenizer, data, sft, train, (time.perf_counter() - started) / 60)
+    return write_report(out, path, trainer, tokenizer, data, sft, train, result["minutes"])
 
 
 def chat_accuracy(model: DeepSeekV3, tokenizer: Tokenizer, sft: SFTConfig, seed: int, template: str = "chat"
