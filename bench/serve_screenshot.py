@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--model", default="runs/pretrain", help="checkpoint or run directory (default: %(default)s)")
     parser.add_argument("--template", default="question", choices=("question", "chat", "r1-zero"),
                         help="how the message becomes a prompt (default: %(default)s, the built-in corpus's format)")
-    parser.add_argument("--message", default="What is 47 + 38?", help="the question asked (default: %(default)s)")
+    parser.add_argument("--message", default="What is 52 + 36?", help="the question asked (default: %(default)s)")
+    parser.add_argument("--served-model-name", default=None, help="the model's name on the page (default: --model)")
     parser.add_argument("--out", default="docs/images/serve-chat.png", help="the PNG written (default: %(default)s)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"),
                         help="the Chromium binary (default: chromium on PATH)")
@@ -54,7 +55,8 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", args.model, "--template",
-                               args.template, "--temperature", "0", "--port", str(port)])
+                               args.template, "--temperature", "0", "--port", str(port),
+                               "--served-model-name", args.served_model_name or args.model])
     try:
         wait_for_health(f"{url}/health", server, timeout=120)
         with sync_playwright() as playwright:
