@@ -580,6 +580,13 @@ DENSE_PRESETS: dict[str, DenseConfig] = {
         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=2048,
         bos_token_id=0, eos_token_id=1,
     ),
+    # The student of the distillation experiment (`nanoseek distill-vs-rl`): a third of the `small` teacher's
+    # activated parameters, as R1 distilled into models much smaller than itself (32 dims per head as qwen2-small).
+    "qwen2-mini": DenseConfig(
+        model_type="qwen2", vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=2048,
+        bos_token_id=0, eos_token_id=1,
+    ),
     # The released configs of the distilled students, as recalled (no network here to check them against
     # huggingface.co/deepseek-ai/DeepSeek-R1-Distill-*/config.json): the shapes are confirmed by the parameter
     # counts they give, which equal the released models' (1,777,088,000 and 8,030,261,248; tests/test_dense.py).

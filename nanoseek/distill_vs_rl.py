@@ -5,7 +5,7 @@ one existing teacher (by default the R1 model of `nanoseek r1`), each stage an e
 into its own directory under out_dir, run in pipeline.StageRunner as `nanoseek r1`'s stages are (a finished stage
 is reused, an interrupted one continues with --resume, each stage's minutes in minutes.json):
 
-    student   `nanoseek pretrain` of a small dense student (--student-preset, qwen2-small) on the built-in corpus
+    student   `nanoseek pretrain` of a small dense student (--student-preset, qwen2-mini) on the built-in corpus
               with the teacher's tokenizer, --student-steps steps; or --student, an existing one, used as it is
     distill   arm (a): `nanoseek distill` from the teacher into a copy of the student (--method; sft, R1's: the
               teacher's rejection-filtered samples, then SFT), --distill-steps steps
@@ -82,7 +82,7 @@ class DistillVsRLConfig:
     # the student both arms start from: a checkpoint or run directory (its tokenizer need not be the teacher's for
     # --method sft); empty: a --student-preset student pretrained in OUT_DIR/student with the teacher's tokenizer
     student: str = ""
-    student_preset: str = "qwen2-small"  # the dense preset of the student pretrained when --student is empty
+    student_preset: str = "qwen2-mini"  # the dense preset of the student pretrained when --student is empty
     student_steps: int = 1200  # pretraining steps of that student (8 sequences of 256 tokens a step)
     method: Literal["sft", "logit", "on-policy"] = "sft"  # arm (a)'s `nanoseek distill --method`: sft (R1's: SFT on
                                # the teacher's rejection-filtered samples), logit, on-policy (a shared tokenizer)

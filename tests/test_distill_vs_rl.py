@@ -270,4 +270,4 @@ def test_every_option_has_a_help_line_with_its_default():
     text = " ".join(command.format_help().split())
     assert "--method {sft,logit,on-policy}" in text and "--budget {tokens,steps}" in text
     assert "--student-preset {qwen2-tiny,qwen2-small," in text
-    assert "(default: runs/r1/all-scenario)" in text and "(default: 1200)" in text and "(default: qwen2-small)" in text
+    assert "(default: runs/r1/all-scenario)" in text and "(default: 1200)" in text and "(default: qwen2-mini)" in text
