@@ -44,6 +44,22 @@ def save_tiny_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
     return path
 
 
+def crash_training_at(monkeypatch, step: int):
+    """Make the shared Trainer die when it reaches `step`, without saving: a KeyboardInterrupt raised from the step
+    itself, not a signal, so the SIGINT handler never saves, as after SIGKILL. -> the real train_step, to put back."""
+    from nanoseek.train.loop import Trainer
+
+    real = Trainer.train_step
+
+    def crash(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    return real
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """rows (dicts as JSON, strings as they are) one per line."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint, train_tokenizer
+from conftest import crash_training_at, save_tiny_checkpoint, train_tokenizer
 
 import nanoseek.sample as sampling
 from nanoseek.checkpoint import load_pretrained, save_pretrained
@@ -266,13 +266,7 @@ def test_distill_resumes_exactly_after_a_crash(teacher, student, right_teacher, 
     args += [*SAMPLED, "--method", "logit"] if method == "logit" else [*ON_POLICY, "--on-policy-loss", "exact"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert main([*args, "--out-dir", str(straight)]) == 0, capsys.readouterr().err
-    real = Trainer.train_step
-
-    def crash_after_step_3(self):  # past the step-2 checkpoint, before the next: nothing more is saved
-        if self.step == 3:
-            raise KeyboardInterrupt  # not a signal: the run dies without saving, as after SIGKILL
-        return real(self)
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_3)
+    real = crash_training_at(monkeypatch, 3)  # past the step-2 checkpoint, before the next: nothing more is saved
     assert main([*args, "--out-dir", str(crashed)]) == 130
     assert (crashed / "checkpoints" / "latest").read_text() == "step_000002"
     monkeypatch.setattr(Trainer, "train_step", real)
@@ -355,12 +349,7 @@ def test_bad_options_exit_2_with_a_message(args, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_every_option_has_a_help_line_with_its_default():
-    parser = build_parser()
-    distill = parser._subparsers._group_actions[0].choices["distill"]
-    for action in distill._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.help and len(action.help) > 10, action.dest
-    text = distill.format_help()
+def test_help_lists_the_methods_and_defaults():  # every option's help line: tests/test_cli.py
+    text = build_parser()._subparsers._group_actions[0].choices["distill"].format_help()
     assert "--method {sft,logit,on-policy}" in text and "--on-policy-loss {sampled,exact}" in text
     assert "(default: runs/r1/all-scenario)" in text and "(default: runs/student)" in text

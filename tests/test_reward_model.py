@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint, tiny_config, train_tokenizer, write_jsonl
+from conftest import crash_training_at, save_tiny_checkpoint, tiny_config, train_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
 from nanoseek.checkpoint import load_pretrained
@@ -250,13 +250,7 @@ def test_rm_learns_an_easy_preference(straight, base):
 
 def test_rm_resumes_exactly_after_a_crash(base, easy, straight, tmp_path, monkeypatch, capsys):
     crashed = tmp_path / "crashed"
-    real = Trainer.train_step
-
-    def crash_after_step_10(self):  # past the step-8 checkpoint, before the next: nothing more is saved
-        if self.step == 10:
-            raise KeyboardInterrupt  # not a signal: the run dies without saving, as after SIGKILL
-        return real(self)
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_10)
+    real = crash_training_at(monkeypatch, 10)  # past the step-8 checkpoint, before the next: nothing more is saved
     assert main(["rm", "--model", str(base), "--data", str(easy), *RUN, "--out-dir", str(crashed)]) == 130
     assert (crashed / "checkpoints" / "latest").read_text() == "step_000008"
     monkeypatch.setattr(Trainer, "train_step", real)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny_checkpoint, tiny_config, train_tokenizer, write_jsonl
+from conftest import crash_training_at, save_tiny_checkpoint, tiny_config, train_tokenizer, write_jsonl
 
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.cli import main
@@ -235,13 +235,7 @@ def test_sft_command_runs_and_resumes_exactly_after_a_crash(base, tmp_path, monk
     assert (straight / "checkpoints" / "step_000006" / "model" / "tokenizer.json").is_file()
 
     crashed = tmp_path / "crashed"
-    real = Trainer.train_step
-
-    def crash_after_step_3(self):  # past the step-2 checkpoint, before the next: nothing more is saved
-        if self.step == 3:
-            raise KeyboardInterrupt  # not a signal: the run dies without saving, as after SIGKILL
-        return real(self)
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_3)
+    real = crash_training_at(monkeypatch, 3)  # past the step-2 checkpoint, before the next: nothing more is saved
     assert main([*args, "--out-dir", str(crashed)]) == 130
     assert (crashed / "checkpoints" / "latest").read_text() == "step_000002"
     monkeypatch.setattr(Trainer, "train_step", real)
