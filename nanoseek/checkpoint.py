@@ -307,14 +307,21 @@ def read_dense_state_dict(files: _TensorFiles, config: DenseConfig,
 
 def _load_dense(directory: Path, config: DenseConfig, dtype: torch.dtype | None,
                 device: str | torch.device | None) -> DenseTransformer:
-    state = read_dense_state_dict(_TensorFiles(directory), config, dtype)
+    model = _model_of(DenseTransformer, config, read_dense_state_dict(_TensorFiles(directory), config, dtype), device)
+    model.loaded_from = directory  # its tokenizer files are copied into what the model is saved as
+    return model
+
+
+def _model_of(model_class: type, config: ModelConfig | DenseConfig, state: dict[str, torch.Tensor],
+              device: str | torch.device | None) -> DeepSeekV3:
+    """model_class(config) holding state's tensors themselves (built on the meta device: no init, no copy), its
+    embeddings tied where the config says, on device (None: where the tensors are)."""
     with torch.device("meta"):
-        model = DenseTransformer(config)
+        model = model_class(config)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(config)  # non-persistent buffers are not in the checkpoint
-    model.loaded_from = directory  # its tokenizer files are copied into what the model is saved as
     return model.to(device) if device is not None else model
 
 
@@ -356,14 +363,7 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
         warnings.warn(f"{directory} has no MTP layers (config asks for {config.num_nextn_predict_layers}); "
                       "loading without MTP", stacklevel=2)
         config = config.replace(num_nextn_predict_layers=0)
-    state = read_state_dict(files, config, dtype)
-    with torch.device("meta"):
-        model = DeepSeekV3(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(config)  # non-persistent buffers are not in the checkpoint
-    return model.to(device) if device is not None else model
+    return _model_of(DeepSeekV3, config, read_state_dict(files, config, dtype), device)
 
 
 # ---------------------------------------------------------------------- writing
