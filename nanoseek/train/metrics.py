@@ -27,8 +27,11 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
+        # A non-finite number (a NaN loss, a step with no completion tokens to take an entropy of) is written as
+        # null: NaN and Infinity are not JSON, and jq or a browser would reject the line.
+        strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
