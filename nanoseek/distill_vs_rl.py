@@ -124,7 +124,8 @@ class StageSettings:
     distill: DistillConfig = field(default_factory=DistillConfig)
     distill_train: TrainConfig = field(default_factory=lambda: DISTILL_TRAIN_DEFAULTS)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    grpo_train: TrainConfig = field(default_factory=lambda: GRPO_TRAIN_DEFAULTS)
+    # Arm (b) is lengthened chunk by chunk until its tokens match arm (a)'s, so its learning rate stays constant.
+    grpo_train: TrainConfig = field(default_factory=lambda: replace(GRPO_TRAIN_DEFAULTS, decay_start=1.0))
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -23,7 +23,7 @@ from nanoseek.eval import EvalConfig
 from nanoseek.rewards import RewardSet, format_reward
 from nanoseek.sample import Drawn, SampleConfig
 from nanoseek.train.distill import DISTILL_TRAIN_DEFAULTS, DistillConfig
-from nanoseek.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, run_grpo
+from nanoseek.train.grpo import GRPOConfig, run_grpo
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import PretrainConfig
@@ -71,7 +71,7 @@ TINY = StageSettings(
     distill_train=replace(DISTILL_TRAIN_DEFAULTS, lr=3e-3, warmup_steps=1, save_every=0, eval_every=0,
                           tensorboard=False),
     grpo=GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=12),
-    grpo_train=replace(GRPO_TRAIN_DEFAULTS, save_every=0, tensorboard=False),
+    grpo_train=replace(StageSettings().grpo_train, save_every=0, tensorboard=False),
     evaluation=EvalConfig(k=2, max_new_tokens=12))
 OPTIONS = ["--student-preset", "qwen2-tiny", "--student-steps", "3", "--distill-steps", "3", "--problems-per-task", "1"]
 
