@@ -4,12 +4,19 @@ their mean, min and max over the seeds, checked against issue 17's bars.
 
     python bench/pipeline_seeds.py                      # seeds 0 1 2 in runs/seeds/seed-N
     python bench/pipeline_seeds.py --single-thread --work-dir runs/seeds-1t   # OMP_NUM_THREADS=1 in the runs
+    python bench/pipeline_seeds.py --isa avx2 --seeds 1 --work-dir runs/seeds-avx2   # a CPU without AVX-512
     python bench/pipeline_seeds.py --summarise-only     # only the table, from the finished runs in --work-dir
 
 Each run is `python -m nanoseek.cli pipeline --seed N --out-dir WORK_DIR/seed-N` (and --pipeline-args), in a
 process of its own. The evaluations use the same held-out problems and sampling seed for every pipeline seed, so
 the seeds differ only in their training. The result JSON (default bench/results/pipeline-seeds-cpu.json) keeps
 the table, the bars' verdicts and the provenance of this machine.
+
+A rerun in another summation order tells a robust recipe from a knife edge. OMP_NUM_THREADS=1 is one such order
+on some machines, but not on every one: on this project's 2-core CPU, one and two threads gave bit-identical runs
+(seed 0: all 1,400 pretraining losses and both evaluations). `--isa avx2` runs ATen's and MKL's AVX2 kernels instead
+of AVX-512's, as a CPU without AVX-512 would; the base model's logits then differ in their last bits from the first
+forward on.
 """
 
 from __future__ import annotations
@@ -43,15 +50,18 @@ BARS = (
     ("every run <= 25 minutes", "max", "minutes", "<=", 25.0),
 )
 RESERVED = ("--seed", "--out-dir")  # the options this script sets for each run
+# The environment that makes torch (ATen's vectorised kernels) and MKL (its GEMMs) use only AVX2 instructions.
+ISA_ENV = {"default": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def run_dir(work_dir: Path, seed: int) -> Path:
     return work_dir / f"seed-{seed}"
 
 
-def run_seed(seed: int, out: Path, single_thread: bool, pipeline_args: list[str]) -> None:
+def run_seed(seed: int, out: Path, single_thread: bool, pipeline_args: list[str], isa: str = "default") -> None:
     """`nanoseek pipeline` for one seed in a child process; exits with its status if it fails."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+           **ISA_ENV[isa]}
     if single_thread:
         env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "nanoseek.cli", "pipeline", "--seed", str(seed), "--out-dir", str(out),
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="each seed's run goes in WORK_DIR/seed-N")
     parser.add_argument("--single-thread", action="store_true",
                         help="run the pipelines with OMP_NUM_THREADS=1 (a different summation order)")
+    parser.add_argument("--isa", choices=sorted(ISA_ENV), default="default",
+                        help="the CPU kernels of the runs: default (the best this CPU has), or avx2 (ATen's and "
+                             "MKL's AVX2 kernels, as on a CPU without AVX-512: another summation order)")
     parser.add_argument("--pipeline-args", default="",
                         help="more `nanoseek pipeline` options for every run, in one string (empty: none; a lone "
                              "option: --pipeline-args=--resume)")
@@ -145,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             if (out / "report.json").is_file():
                 print(f"=== seed {seed}: finished earlier, read from {out / 'report.json'}")
             else:
-                run_seed(seed, out, args.single_thread, pipeline_args)
+                run_seed(seed, out, args.single_thread, pipeline_args, args.isa)
     summary = summarise(read_reports(args.work_dir, args.seeds))
     print(format_table(summary))
     print(format_bars(summary))
@@ -153,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "pipeline_seeds", "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "machine": platform.machine(), "threads": 1 if args.single_thread else torch.get_num_threads(),
         "versions": {"torch": torch.__version__}, "git_commit": git_commit(), "seeds": args.seeds,
-        "work_dir": str(args.work_dir), "single_thread": args.single_thread, "pipeline_args": pipeline_args,
+        "work_dir": str(args.work_dir), "single_thread": args.single_thread, "isa": args.isa,
+        "isa_env": ISA_ENV[args.isa], "pipeline_args": pipeline_args,
         **summary})
 
 

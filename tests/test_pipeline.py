@@ -4,6 +4,7 @@ bench/pipeline_seeds.py's summary over seeds."""
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -189,3 +190,29 @@ def test_pipeline_seeds_refuses_a_missing_run_and_an_existing_one_unless_reused(
         bench.main(["--work-dir", str(tmp_path), "--seeds", "0", "--out", str(tmp_path / "r.json")])
     bench.main(["--reuse", "--work-dir", str(tmp_path), "--seeds", "0", "--out", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["tasks_improved"] == 7
+
+
+@pytest.mark.parametrize("options, expected", [
+    ([], {}),
+    (["--single-thread"], {"OMP_NUM_THREADS": "1"}),
+    (["--isa", "avx2"], {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+])
+def test_pipeline_seeds_runs_each_seed_in_the_asked_summation_order(tmp_path, monkeypatch, options, expected):
+    """The child pipeline gets the environment of --single-thread / --isa (and nothing of the other's)."""
+    for name in ("OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    seen, real_run = [], subprocess.run
+
+    def fake_pipeline(command, env=None, **kwargs):
+        if "pipeline" not in command:  # git, for the result's provenance
+            return real_run(command, env=env, **kwargs)
+        seen.append({k: env[k] for k in ("OMP_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+                     if k in env})
+        _fake_run(Path(command[command.index("--out-dir") + 1]), 3, 0.25, [0.1] * 7, 0.99, 20.0)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_pipeline)
+    bench.main([*options, "--work-dir", str(tmp_path), "--seeds", "3", "--out", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert seen == [expected]
+    assert result["isa"] == (options[1] if "--isa" in options else "default")
