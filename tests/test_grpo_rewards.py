@@ -31,8 +31,9 @@ from nanoseek.train.reward_model import new_head, save_head
 WORDS = "What is the answer? Say hello to Repeat after me last word of Write number in words capital letters brief"
 ADDITION = Problem("addition", "What is 7 + 8?", "15", "7 + 8 = 15", 1)
 HELLO = GeneralPrompt(({"role": "user", "content": "Say hello to Ada."},), "test")
+# A constant learning rate: the resume tests extend --max-steps, which moves a decaying schedule (GRPO's default).
 GRPO = ["--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "6", "--lr", "1e-2", "--warmup-steps",
-        "0", "--no-drop-uninformative", "--save-every", "1", "--no-tensorboard"]
+        "0", "--decay-start", "1", "--no-drop-uninformative", "--save-every", "1", "--no-tensorboard"]
 GENERAL_PROMPTS = [{"prompt": "Say hello to Ada."},
                    {"messages": [{"role": "system", "content": "Be brief."},
                                  {"role": "user", "content": "Write apple in capital letters."}]},

@@ -30,8 +30,9 @@ PROBLEMS = [
     {"question": "What is 40 + 2?", "answer": 42, "task": "addition"},
     {"question": "How many grams are in a kilogram?", "answer": "#### 1,000"},
 ]
+# A constant learning rate: the resume tests extend --max-steps, which moves a decaying schedule (GRPO's default).
 GRPO = ["--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "6", "--lr", "1e-2", "--warmup-steps",
-        "0", "--no-drop-uninformative", "--save-every", "1", "--no-tensorboard"]
+        "0", "--decay-start", "1", "--no-drop-uninformative", "--save-every", "1", "--no-tensorboard"]
 
 
 @pytest.fixture(scope="module")
