@@ -313,7 +313,7 @@ def _load_dense(directory: Path, config: DenseConfig, dtype: torch.dtype | None,
 
 
 def _model_of(model_class: type, config: ModelConfig | DenseConfig, state: dict[str, torch.Tensor],
-              device: str | torch.device | None) -> DeepSeekV3:
+              device: str | torch.device | None) -> DeepSeekV3 | DenseTransformer:
     """model_class(config) holding state's tensors themselves (built on the meta device: no init, no copy), its
     embeddings tied where the config says, on device (None: where the tensors are)."""
     with torch.device("meta"):
