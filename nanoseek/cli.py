@@ -251,7 +251,7 @@ def _sampling(args: argparse.Namespace, tokenizer):
     from nanoseek.infer.engine import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop_ids=(tokenizer.eos_id,),
+                          top_k=args.top_k, seed=args.seed, stop_ids=tokenizer.stop_ids,
                           stop_strings=tuple(args.stop))
 
 

@@ -111,7 +111,7 @@ def sample_completions(model: DeepSeekV3, tokenizer: Tokenizer, problems: list[t
 def sample_prompts(model: DeepSeekV3, tokenizer: Tokenizer, prompts: list[list[int]], cfg: EvalConfig,
                    max_batch: int = 64, progress: bool = False) -> tuple[list[Completion], list[Completion]]:
     """sample_completions of prompts given as token ids."""
-    stop = {"stop_ids": (tokenizer.eos_id,), "stop_strings": ("</answer>",)}
+    stop = {"stop_ids": tokenizer.stop_ids, "stop_strings": ("</answer>",)}
     engine = Engine(model, max_batch=max_batch, max_len=max(map(len, prompts)) + cfg.max_new_tokens,
                     tokenizer=tokenizer)
     with tqdm(total=len(prompts) * (cfg.k + cfg.greedy), desc="evaluating", unit="completion",
@@ -181,7 +181,7 @@ def evaluate_instructions(model: DeepSeekV3, tokenizer: Tokenizer, n: int, cfg: 
     questions = [c.messages[0]["content"] for c in instruction_conversations(n, cfg.seed, split="heldout")]
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}], cfg.template) for q in questions]
     sampled, _ = sample_prompts(model, tokenizer, prompts, cfg, max_batch, progress)
-    params = SamplingParams(stop_ids=(tokenizer.eos_id,))
+    params = SamplingParams(stop_ids=tokenizer.stop_ids)
     asked = [questions[i // cfg.k] for i in range(len(sampled))]
     replies = [final_summary(completion_text(tokenizer, c, params)) for c in sampled]
     right = [check_instruction(q, r) for q, r in zip(asked, replies, strict=True)]

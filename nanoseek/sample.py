@@ -263,7 +263,7 @@ def draw(model: DeepSeekV3, tokenizer: Tokenizer, problems: Sequence[tasks.Probl
     the end of sentence or `</answer>`; sample i is seeded with cfg.seed + i."""
     prompts = [problem_prompt(tokenizer, p, cfg.template) for p in problems]
     params = SamplingParams(max_new_tokens=cfg.max_tokens + 1, temperature=cfg.temperature, top_p=cfg.top_p,
-                            seed=cfg.seed, stop_ids=(tokenizer.eos_id,), stop_strings=STOP_STRINGS)
+                            seed=cfg.seed, stop_ids=tokenizer.stop_ids, stop_strings=STOP_STRINGS)
     max_len = max(map(len, prompts)) + params.max_new_tokens
     if max_len > model.config.max_position_embeddings:
         raise SampleError(f"the longest prompt ({max(map(len, prompts))} tokens) and max_tokens + 1 "
@@ -275,9 +275,9 @@ def draw(model: DeepSeekV3, tokenizer: Tokenizer, problems: Sequence[tasks.Probl
             bar.update(sum(o.finished for o in outputs))
 
         completions = engine.generate([p for p in prompts for _ in range(cfg.k)], params, on_step=count)
-    eos = tokenizer.eos_id
-    return [Drawn(i // cfg.k, completion_text(tokenizer, c, params), len(c.tokens) - (c.tokens[-1:] == [eos]))
-            for i, c in enumerate(completions)]
+    ended = [bool(c.tokens) and c.tokens[-1] in params.stop_ids for c in completions]  # the stop token is not text
+    return [Drawn(i // cfg.k, completion_text(tokenizer, c, params), len(c.tokens) - stop)
+            for i, (c, stop) in enumerate(zip(completions, ended, strict=True))]
 
 
 def load_model(cfg: SampleConfig) -> tuple[DeepSeekV3, Tokenizer, Path]:

@@ -2,6 +2,7 @@
 tokens, batched, continuous batching, aborts), seeded sampling, a transformers-saved checkpoint, and the training
 stages (SFT, GRPO) on a student."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -228,3 +229,46 @@ def test_a_grpo_step_trains_a_student(tokenizer, tmp_path):
     assert isinstance(trainer.stage.engine.cache, GQAKVCache)  # the rollouts ran on the student's KV cache
     assert record["groups_kept"] > 0 and record["loss"] == record["loss"]
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_generation_stops_on_the_end_ids_the_checkpoint_declares(tmp_path):
+    """A Llama-3-style checkpoint ends its turns in <|eot_id|>, which only tokenizer_config.json's eos_token and
+    generation_config.json's eos_token_id name. `nanoseek generate` stops where transformers' generate does."""
+    transformers = pytest.importorskip("transformers")
+    from test_chat_template import LLAMA_SPECIALS, tiny_bpe
+
+    from nanoseek.cli import main
+    from nanoseek.data.tokenizer import BOS, EOS, PAD, Tokenizer
+
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_bpe((BOS, EOS, PAD, *LLAMA_SPECIALS)),
+                                                  bos_token=BOS, eos_token="<|eot_id|>", pad_token=PAD)
+    hf_tok.save_pretrained(tmp_path)
+    config = transformers.Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    reference = transformers.Qwen2ForCausalLM(config).eval()
+    randomize(reference, seed=3)
+    prompt = torch.tensor([[0, *hf_tok("What is 2+3?", add_special_tokens=False).input_ids]])  # bos + the text
+    mask = torch.ones_like(prompt)  # else generate takes the bos for padding
+    with torch.no_grad():
+        free = reference.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                  pad_token_id=2)
+    eot = hf_tok.convert_tokens_to_ids("<|eot_id|>")
+    stop = int(free[0, prompt.shape[1] + 4])  # the 5th free token: the declared list must end the reply early
+    reference.generation_config.eos_token_id = [1, eot, stop]
+    reference.save_pretrained(tmp_path)
+
+    assert Tokenizer.load(tmp_path).stop_ids == (1, eot, stop)  # DeepSeek's eos, then the checkpoint's, once each
+    reference = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():  # its own generation_config.json: it stops at the first declared end id
+        theirs = reference.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                    pad_token_id=2)[0, prompt.shape[1]:]
+    assert len(theirs) <= 5 and int(theirs[-1]) in (1, eot, stop)
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts.write_text("What is 2+3?\n")
+    assert main(["generate", str(prompts), "--model", str(tmp_path), "--template", "raw", "--max-new-tokens", "16",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["finish_reason"] == "stop" and row["tokens"] == len(theirs)
+    assert row["content"] == hf_tok.decode(theirs[:-1]).strip()  # the text, without the token that ended it

@@ -1,7 +1,9 @@
 """The tokenizer: exact round trips, one token per digit, DeepSeek's special tokens and ids, training
 determinism, save/load, loading a DeepSeek-layout tokenizer.json, and the chat template."""
 
+import json
 import random
+import re
 
 import pytest
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -188,3 +190,27 @@ def test_r1_zero_template():
                              "Assistant solves it.")
     assert "<think> reasoning process here </think> <answer> answer here </answer>." in prompt
     assert prompt.endswith("User: What is 2+2?. Assistant:")
+
+
+@pytest.mark.parametrize("files, error", [
+    ({"generation_config.json": '{"eos_token_id": [1, 100000]}'}, "eos_token_id 100000 is not a token id"),
+    ({"generation_config.json": '{"eos_token_id": "1"}'}, "eos_token_id '1' is not a token id"),
+    ({"generation_config.json": "[1, 2"}, "generation_config.json is not a valid JSON object"),
+    ({"tokenizer_config.json": '{"eos_token": "<|eot_id|>"}'}, "eos_token '<|eot_id|>' is not a token of"),
+])
+def test_declared_end_ids_that_are_not_tokens_name_their_file(tmp_path, files, error):
+    Tokenizer.train(["What is 2+3?"] * 4, vocab_size=300).save(tmp_path)
+    assert Tokenizer.load(tmp_path).stop_ids == (1,)  # a nanoseek tokenizer alone: DeepSeek's eos
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(TokenizerError, match=re.escape(error)):
+        Tokenizer.load(tmp_path)
+
+
+def test_declared_end_ids_are_read_from_both_files(tmp_path):
+    tok = Tokenizer.train(["What is 2+3?"] * 4, vocab_size=300)
+    tok.save(tmp_path)
+    think = tok.think_id
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<think>"}}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert Tokenizer.load(tmp_path).stop_ids == (1, think, 7)

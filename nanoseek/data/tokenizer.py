@@ -11,6 +11,7 @@ which `Tokenizer.render_chat`/`encode_chat` use when the tokenizer was loaded wi
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from nanoseek.data.template import ChatTemplate
+from nanoseek.data.template import ChatTemplate, read_special_tokens
 from nanoseek.errors import NanoseekError
 
 # DeepSeek-V3/R1's strings: the bars are FULLWIDTH VERTICAL LINE (U+FF5C), the spaces LOWER ONE EIGHTH BLOCK (U+2581).
@@ -35,6 +36,7 @@ FIM_END = "<｜fim▁end｜>"
 # In id order: bos 0 and eos 1, as in DeepSeek-V3's config.
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, FIM_BEGIN, FIM_HOLE, FIM_END)
 TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 # The DeepSeek-R1-Zero training prompt (DeepSeek-R1 paper, Table 1); fill with R1_ZERO_TEMPLATE.format(prompt=...).
 R1_ZERO_TEMPLATE = (
@@ -140,13 +142,43 @@ def apply_chat_template(messages: Sequence[dict], add_generation_prompt: bool = 
     return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt, thinking))
 
 
+def declared_end_ids(directory: Path, tokenizer: HFTokenizer) -> list[int]:
+    """The ids a checkpoint directory says end a reply: tokenizer_config.json's `eos_token` and
+    generation_config.json's `eos_token_id` (an id or a list), the set transformers' generate and vLLM stop on.
+    A Llama-3-style template ends each turn in `<|eot_id|>`, which only these files name. A value that is not a
+    token of the vocabulary is a TokenizerError naming its file."""
+    ids = []
+    eos_token = read_special_tokens(directory).get("eos_token")
+    if eos_token is not None:
+        token_id = tokenizer.token_to_id(eos_token)
+        if token_id is None:
+            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: eos_token {eos_token!r} is not a token of "
+                                 f"{directory / TOKENIZER_FILE}")
+        ids.append(token_id)
+    file = directory / GENERATION_CONFIG_FILE
+    if file.is_file():
+        try:
+            declared = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id", [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise TokenizerError(f"{file} is not a valid JSON object ({e})") from None
+        declared = [] if declared is None else declared if isinstance(declared, list) else [declared]
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        for token_id in declared:
+            if not (isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < vocab):
+                raise TokenizerError(f"{file}: eos_token_id {token_id!r} is not a token id of the {vocab}-token "
+                                     f"vocabulary (an int, or a list of them, in [0, {vocab}))")
+            ids.append(token_id)
+    return ids
+
+
 class Tokenizer:
     """A HF `tokenizers.Tokenizer` with DeepSeek's special tokens found by their strings, and the checkpoint's own
     chat template (`chat_template`, None when it has none)."""
 
     apply_chat_template = staticmethod(apply_chat_template)  # DeepSeek's format, whatever the checkpoint's template
 
-    def __init__(self, tokenizer: HFTokenizer, source: str = "tokenizer", chat_template: ChatTemplate | None = None):
+    def __init__(self, tokenizer: HFTokenizer, source: str = "tokenizer", chat_template: ChatTemplate | None = None,
+                 end_ids: Sequence[int] = ()):
         self._tok = tokenizer
         self._source = source
         self.chat_template = chat_template
@@ -154,6 +186,8 @@ class Tokenizer:
         if missing:
             raise TokenizerError(f"{source} has no {' or '.join(map(repr, missing))} token "
                                  f"(DeepSeek's bos/eos strings are required)")
+        # The ids that end a reply: DeepSeek's eos first, then the checkpoint's own (see `declared_end_ids`).
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys((self.eos_id, *end_ids)))
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -185,7 +219,8 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception for malformed files
             raise TokenizerError(f"{file} is not a valid tokenizer.json ({e})") from None
-        return cls(tok, source=str(file), chat_template=ChatTemplate.find(file.parent))
+        return cls(tok, source=str(file), chat_template=ChatTemplate.find(file.parent),
+                   end_ids=declared_end_ids(file.parent, tok))
 
     def save(self, path: str | Path) -> Path:
         """Write `tokenizer.json` (into `path` if it is a directory, else to `path` itself); returns the file."""

@@ -470,7 +470,7 @@ class Server:
         base = SamplingParams(
             max_new_tokens=max_tokens, temperature=s.temperature if body.temperature is None else body.temperature,
             top_p=s.top_p if body.top_p is None else body.top_p, top_k=s.top_k if body.top_k is None else body.top_k,
-            stop_ids=(self.tokenizer.eos_id,), stop_strings=body.stops() + s.stop, seed=seed,
+            stop_ids=self.tokenizer.stop_ids, stop_strings=body.stops() + s.stop, seed=seed,
             thinking_budget=thinking_budget, end_think_ids=self.end_think if thinking_budget is not None else ())
         try:
             self.engine.check(prompt, base)

@@ -371,7 +371,7 @@ class OnPolicyStage:
         start = time.perf_counter()
         prompts = self._prompts(self.problems.next_batch(d.batch_size))
         outs = self.engine.generate([p for p in prompts for _ in range(s.k)], SamplingParams(
-            max_new_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop_ids=(tok.eos_id,),
+            max_new_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop_ids=tok.stop_ids,
             stop_strings=STOP_STRINGS, seed=trainer.cfg.seed * 1_000_003 + trainer.step * 10_007))
         generated = time.perf_counter()
         rows = [(prompts[i // s.k], out.tokens) for i, out in enumerate(outs)]

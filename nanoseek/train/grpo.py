@@ -460,11 +460,11 @@ class GRPOStage:
         mine = problems[first:first + share]
         prompts = [self._prompt(p) for p in mine]
         outs = self.engine.generate([p for p in prompts for _ in range(g.group_size)], SamplingParams(
-            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=(tok.eos_id,),
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, stop_ids=tok.stop_ids,
             stop_strings=("</answer>",) if g.stop_at_answer else (),
             seed=trainer.cfg.seed * 1_000_003 + trainer.step * 10_007 + first * g.group_size))
         generated = time.perf_counter()
-        texts = [tok.decode([t for t in out.tokens if t != tok.eos_id]) for out in outs]
+        texts = [tok.decode([t for t in out.tokens if t not in tok.stop_ids]) for out in outs]
         scores = self.rewards.score([Sample(mine[i // g.group_size], text, len(out.tokens))
                                      for i, (text, out) in enumerate(zip(texts, outs))])
         rewards = torch.tensor([s["total"] for s in scores]).view(share, g.group_size)
