@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +47,22 @@ def save_tiny_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
     nanoseek.save_pretrained(nanoseek.DeepSeekV3(tiny_config(vocab_size=tokenizer.vocab_size)), path)
     tokenizer.save(path)
     return path
+
+
+def sigkill_once_logged(command: list[str], metrics: Path, step: int, timeout: float = 240) -> int:
+    """Run `nanoseek COMMAND...` in a child process and SIGKILL it as soon as its metrics.jsonl logs a record of
+    `step` or later: a death with no chance to save. -> its return code (-SIGKILL, unless it ended first)."""
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= step
+                                    for line in metrics.read_text().splitlines() if line.endswith("}")):
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def crash_training_at(monkeypatch, step: int):

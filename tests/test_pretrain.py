@@ -1,13 +1,12 @@
 """`nanoseek pretrain` end to end on the tiny preset: SIGKILL + resume is exact, and the run refuses to clobber."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import sigkill_once_logged
 
 from nanoseek.cli import main
 from nanoseek.config import ConfigError
@@ -33,17 +32,9 @@ def test_sigkill_between_checkpoints_then_resume_gives_the_same_losses(tmp_path)
     result = run(straight)
     assert result.returncode == 0, result.stderr[-2000:]
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "pretrain", "--out-dir", str(killed), *ARGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait until step 6 is logged: past the step-4 checkpoint, before step 8
-        if metrics.exists() and any(json.loads(l)["step"] >= 6 for l in metrics.read_text().splitlines() if l):
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = tmp_path / "killed"  # killed once step 6 is logged: past the step-4 checkpoint, before step 8
+    assert sigkill_once_logged(["pretrain", "--out-dir", str(killed), *ARGS], killed / "metrics.jsonl", 6) == \
+        -signal.SIGKILL
     checkpoint = (killed / "checkpoints" / "latest").read_text()
     assert checkpoint in ("step_000004", "step_000008")
     assert losses(killed)[-1][1] < 12  # it really died before the end

@@ -1,6 +1,6 @@
 """`nanoseek rm`: the Bradley-Terry loss by hand, a reward read at each row's last real token (padding and
 micro-batches change nothing), the GRPO reward that judges only the text after </think>, bad preference files named
-by file and line, the built-in pairs, the command learning an easy preference with an exact resume after a crash,
+by file and line, the built-in pairs, the command learning an easy preference with an exact resume after SIGKILL,
 and its options."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import crash_training_at, save_tiny_checkpoint, tiny_config, train_tokenizer, write_jsonl
+from conftest import save_tiny_checkpoint, sigkill_once_logged, tiny_config, train_tokenizer, write_jsonl
 from safetensors.torch import load_file
 
 from nanoseek.checkpoint import load_pretrained
@@ -24,7 +25,7 @@ from nanoseek.data.preferences import (REJECTED_KINDS, PreferenceDataError, buil
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.losses import bradley_terry_loss
 from nanoseek.rewards import RewardSet, Sample, reward_model_reward
-from nanoseek.train.loop import Trainer, TrainingError
+from nanoseek.train.loop import TrainingError
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.reward_model import (HEAD_FILE, RM_TRAIN_DEFAULTS, RewardModel, RMConfig, RMData, RMError,
                                          RMStage, encode_pairs, load_reward_model, new_head, rm_trainer)
@@ -248,12 +249,11 @@ def test_rm_learns_an_easy_preference(straight, base):
         load_reward_model(base)
 
 
-def test_rm_resumes_exactly_after_a_crash(base, easy, straight, tmp_path, monkeypatch, capsys):
-    crashed = tmp_path / "crashed"
-    real = crash_training_at(monkeypatch, 10)  # past the step-8 checkpoint, before the next: nothing more is saved
-    assert main(["rm", "--model", str(base), "--data", str(easy), *RUN, "--out-dir", str(crashed)]) == 130
-    assert (crashed / "checkpoints" / "latest").read_text() == "step_000008"
-    monkeypatch.setattr(Trainer, "train_step", real)
+def test_rm_resumes_exactly_after_sigkill(base, easy, straight, tmp_path, capsys):
+    crashed = tmp_path / "crashed"  # killed in a child process once step 10 is logged, with no chance to save
+    command = ["rm", "--model", str(base), "--data", str(easy), *RUN, "--out-dir", str(crashed)]
+    assert sigkill_once_logged(command, crashed / "metrics.jsonl", 10) == -signal.SIGKILL
+    assert (crashed / "checkpoints" / "latest").read_text() in ("step_000008", "step_000016")  # before the end
     assert main(["rm", "--resume", "--out-dir", str(crashed)]) == 0  # the run's own settings, from run.json
     assert "held-out pairwise accuracy" in capsys.readouterr().out
 

@@ -1,17 +1,18 @@
 """`nanoseek sft`: the assistant-only loss mask, padding that changes no conversation's loss, a step's gradient
 independent of its micro-batches, bad chat data named by file and line, the command end to end with an exact
-resume after a crash, and the built-in cold-start conversations graded by the project's own checkers."""
+resume after SIGKILL, and the built-in cold-start conversations graded by the project's own checkers."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import crash_training_at, save_tiny_checkpoint, tiny_config, train_tokenizer, write_jsonl
+from conftest import save_tiny_checkpoint, sigkill_once_logged, tiny_config, train_tokenizer, write_jsonl
 
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.cli import main
@@ -26,7 +27,7 @@ from nanoseek.data.chat import (
 from nanoseek.data.tokenizer import ASSISTANT, BOS, EOS, USER, apply_chat_template
 from nanoseek.model import DeepSeekV3
 from nanoseek.rewards import Sample, accuracy_reward, final_answer, format_reward
-from nanoseek.train.loop import Trainer, TrainingError
+from nanoseek.train.loop import TrainingError
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.sft import SFT_TRAIN_DEFAULTS, Encoded, SFTConfig, SFTData, SFTStage, pad_batch, sft_trainer
 
@@ -210,7 +211,7 @@ def test_conversations_longer_than_seq_len_are_skipped_and_counted(base, tmp_pat
 
 
 # ---------------------------------------------------------------------- 5. the command, and resume after a crash
-def test_sft_command_runs_and_resumes_exactly_after_a_crash(base, tmp_path, monkeypatch, capsys):
+def test_sft_command_runs_and_resumes_exactly_after_sigkill(base, tmp_path, capsys):
     conversations = cold_start_conversations(24, seed=5)
     rows = []
     for i, c in enumerate(conversations):  # half with inline reasoning, half with reasoning_content
@@ -221,30 +222,29 @@ def test_sft_command_runs_and_resumes_exactly_after_a_crash(base, tmp_path, monk
         rows.append({"messages": [user, reply]})
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     args = ["sft", "--model", str(base), "--data", str(data), "--seq-len", "256", "--batch-size", "4",
-            "--micro-batch-tokens", "256", "--heldout-fraction", "0.2", "--max-steps", "6", "--save-every", "2",
-            "--eval-every", "3", "--lr", "3e-3", "--warmup-steps", "1", "--no-tensorboard"]
+            "--micro-batch-tokens", "256", "--heldout-fraction", "0.2", "--max-steps", "12", "--save-every", "2",
+            "--eval-every", "6", "--lr", "3e-3", "--warmup-steps", "1", "--no-tensorboard"]
     straight = tmp_path / "straight"
     assert main([*args, "--out-dir", str(straight)]) == 0
     assert f"report: {straight}/report.md" in capsys.readouterr().out
     run = json.loads((straight / "run.json").read_text())
-    assert run["stage"] == "sft" and run["sft"]["batch_size"] == 4 and run["train"]["max_steps"] == 6
+    assert run["stage"] == "sft" and run["sft"]["batch_size"] == 4 and run["train"]["max_steps"] == 12
     report = json.loads((straight / "report.json").read_text())
-    assert report["steps"] == 6 and report["conversations"]["heldout"] == 5 and report["chat_accuracy"] is None
+    assert report["steps"] == 12 and report["conversations"]["heldout"] == 5 and report["chat_accuracy"] is None
     assert report["heldout_loss"]["after"] < report["heldout_loss"]["before"]
     assert (straight / "report.md").is_file() and (straight / "plots" / "loss.png").is_file()
-    assert (straight / "checkpoints" / "step_000006" / "model" / "tokenizer.json").is_file()
+    assert (straight / "checkpoints" / "step_000012" / "model" / "tokenizer.json").is_file()
 
-    crashed = tmp_path / "crashed"
-    real = crash_training_at(monkeypatch, 3)  # past the step-2 checkpoint, before the next: nothing more is saved
-    assert main([*args, "--out-dir", str(crashed)]) == 130
-    assert (crashed / "checkpoints" / "latest").read_text() == "step_000002"
-    monkeypatch.setattr(Trainer, "train_step", real)
+    crashed = tmp_path / "crashed"  # killed in a child process once step 5 is logged, with no chance to save
+    assert sigkill_once_logged([*args, "--out-dir", str(crashed)], crashed / "metrics.jsonl", 5) == -signal.SIGKILL
+    last = int((crashed / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 4 <= last < 12  # it died between checkpoints, before the end
     assert main(["sft", "--resume", "--out-dir", str(crashed)]) == 0  # the run's own settings, from run.json
 
     def losses(out):
         return [(r["kind"], r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl")]
-    assert losses(crashed) == losses(straight) and len(losses(straight)) == 8  # 6 steps, 2 held-out losses
-    final = [load_pretrained(out / "checkpoints" / "step_000006" / "model").state_dict() for out in
+    assert losses(crashed) == losses(straight) and len(losses(straight)) == 14  # 12 steps, 2 held-out losses
+    final = [load_pretrained(out / "checkpoints" / "step_000012" / "model").state_dict() for out in
              (straight, crashed)]
     for name, value in final[0].items():
         assert torch.equal(final[1][name], value), name
