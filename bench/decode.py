@@ -42,12 +42,14 @@ def result(prompts: list[list[int]], new_tokens: int, seconds: list[float], toke
 
 
 def bench_nanoseek(model, prompts: list[list[int]], new_tokens: int, static: bool | None, device,
-                   repeats: int = 1) -> dict:
-    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens, static_decode=static)
+                   repeats: int = 1, compile_decode: bool = False) -> dict:
+    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens, static_decode=static,
+                    compile_decode=compile_decode)
     params = SamplingParams(max_new_tokens=new_tokens)
-    engine.generate(prompts, SamplingParams(max_new_tokens=16))  # warm-up
+    warm_up = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=16)), device)[0]  # and compile
     seconds = timed(lambda: engine.generate(prompts, params), device, repeats)
-    return result(prompts, new_tokens, seconds, [c.tokens for c in engine.generate(prompts, params)])
+    return result(prompts, new_tokens, seconds, [c.tokens for c in engine.generate(prompts, params)]) | {
+        "warm_up_seconds": warm_up}
 
 
 def bench_hf(hf, prompts: list[list[int]], new_tokens: int, compiled: bool, device, repeats: int = 1) -> dict:

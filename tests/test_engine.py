@@ -71,6 +71,35 @@ def test_greedy_matches_the_uncached_oracle_and_batching_changes_nothing(model, 
         assert b.finish_reason == "length"
 
 
+def test_compiled_decode_has_one_graph_for_batch_1_and_one_for_the_rest_with_the_eager_logits(model):
+    """compile_decode: requests of different lengths through 3 slots make the batch grow and shrink (3, 2, 1) and
+    the span move every step; two compiled graphs serve them all (batch 1, and every other size), with the oracle's
+    tokens and the eager step's logits."""
+    prompts = [[5, 9, 2], [7] * 9, [1, 2, 3, 4, 5], [300, 200, 100, 50, 25, 12, 6], [42] * 4]
+    lengths = [10, 3, 7, 1, 12]
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    engine = Engine(model, max_batch=3, max_len=64, compile_decode=True)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+    done = {}
+    while engine.has_unfinished():
+        done |= {out.request_id: out.completion for out in engine.step() if out.finished}
+    assert stats["unique_graphs"] - graphs == 2
+    for i, prompt, n in zip(ids, prompts, lengths):
+        assert done[i].tokens == naive_greedy(model, prompt, n)
+    eager = Engine(model, max_batch=3, max_len=64)
+    with torch.no_grad():
+        for e in (engine, eager):
+            e._prefill([0, 1, 2], prompts[:3])
+        torch.testing.assert_close(engine._decode(torch.tensor([4, 8, 15]), 10),
+                                   eager._decode(torch.tensor([4, 8, 15]), 10), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_and_static_decode_are_refused_together(model):
+    with pytest.raises(EngineError, match="compile_decode and static_decode"):
+        Engine(model, max_batch=2, max_len=32, static_decode=True, compile_decode=True)
+
+
 @pytest.mark.parametrize("token_budget", [8, 8192])  # 8: one prompt per forward; 8192: all in one padded forward
 def test_batched_prefill_gives_each_prompt_its_own_last_logits(model, token_budget):
     prompts = [[5, 9, 2], [7] * 9, [300, 200, 100, 50]]

@@ -24,7 +24,7 @@ import torch
 
 from nanoseek.config import DenseConfig, ModelConfig
 
-__all__ = ["CacheLayer", "GQAKVCache", "LatentKVCache", "SlotCache", "make_cache"]
+__all__ = ["CacheLayer", "GQAKVCache", "LatentKVCache", "LeadingRows", "SlotCache", "make_cache"]
 
 
 class SlotCache:
@@ -93,16 +93,56 @@ class SlotCache:
     def layer(self, index: int) -> CacheLayer:
         return CacheLayer(self, index)
 
+    def leading(self, rows: int, span: int) -> LeadingRows:
+        """The first `rows` slots, attending `span` cached entries (at least the longest row's length after the
+        forward, known to the caller): a compiled decode step's binding (nanoseek/infer/engine.py)."""
+        return LeadingRows(self, rows, span)
+
     def advance(self, counts: torch.Tensor | int) -> None:
         """After a forward: each active slot now holds `counts` more tokens (a prompt's true length, or 1;
         negative to drop rejected speculative tokens, whose stale entries are then masked and overwritten)."""
         self.lengths[self.rows] += counts
 
 
+def _write(store: torch.Tensor, layer: int, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """store (layers, slots, ..., max_len, d)[layer, rows (B, 1), ..., positions (B, S), :] = values (B, S, ..., d)."""
+    store[layer][rows, ..., positions, :] = values
+
+
+@torch.library.custom_op("nanoseek::write_cache", mutates_args=("store",))
+def _write_opaque(store: torch.Tensor, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+                  values: torch.Tensor) -> None:
+    """_write as one op that torch.compile keeps in place: traced as it is, the write becomes a copy of the whole
+    store at every layer (a write into a graph input through a view)."""
+    _write(store, layer, rows, positions, values)
+
+
+class LeadingRows:
+    """A forward's binding of the first `rows` slots, with the attended span given rather than read back from the
+    lengths. A fresh object per forward that changes nothing of the cache's Python state: torch.compile traces it
+    without specialising on the number of rows or the span (SlotCache.bind writes attributes, which a compiled
+    graph would have to fix). The caller advances the cache after the forward, as after bind."""
+
+    def __init__(self, cache: SlotCache, rows: int, span: int):
+        self._stores = cache._stores
+        self.lengths = cache.lengths
+        self.active = torch.arange(rows, device=cache.lengths.device)
+        self.rows = slice(0, rows)
+        self._span = span
+        self._positions: torch.Tensor | None = None
+
+    def positions(self, seq_len: int) -> torch.Tensor:
+        self._positions = self.lengths[self.rows, None] + torch.arange(seq_len, device=self.lengths.device)
+        return self._positions
+
+    def layer(self, index: int) -> CacheLayer:
+        return CacheLayer(self, index)
+
+
 class CacheLayer:
     """One layer's view of a cache: update(*new) stores one new tensor per store and returns them all cached."""
 
-    def __init__(self, cache: SlotCache, index: int):
+    def __init__(self, cache: SlotCache | LeadingRows, index: int):
         self.cache, self.index = cache, index
 
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -114,11 +154,11 @@ class CacheLayer:
         if len(new) != len(c._stores):
             raise ValueError(f"this cache stores {len(c._stores)} tensors per token; update got {len(new)}")
         rows = c.active[:, None]
+        write = _write_opaque if torch.compiler.is_compiling() else _write
         cached = []
         for store, values in zip(c._stores, new):
-            layer = store[self.index]
-            layer[rows, ..., pos, :] = values.to(layer.dtype)
-            cached.append(layer[c.rows, ..., :span, :])
+            write(store, self.index, rows, pos, values.to(store.dtype))
+            cached.append(store[self.index, c.rows, ..., :span, :])
         mask = torch.arange(span, device=pos.device)[None, None, :] <= pos[:, :, None]  # (B, S, span)
         return (*cached, mask)
 

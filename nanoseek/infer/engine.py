@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.fx.experimental import _config as shape_config
 
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.cache import SlotCache, make_cache
@@ -81,13 +82,26 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train()
 
 
+def _decode_step(model: DeepSeekV3, cache: SlotCache, tokens: torch.Tensor, span: int) -> torch.Tensor:
+    """One decode forward of the first B slots: tokens (B,) -> next-token logits (B, V) float32 (the caller
+    advances the slots). What compile_decode compiles, once for every batch size and span."""
+    return model(tokens[:, None], cache=cache.leading(tokens.shape[0], span))[:, -1].float()
+
+
 class Engine:
     """static_decode: decode in fixed shapes (batch padded to a power of two, attention over the whole cache
     length), which on CUDA are captured once per size in CUDA graphs and replayed, removing the per-kernel launch
-    cost that dominates small-batch decoding. Default: on for CUDA."""
+    cost that dominates small-batch decoding. Default: on for CUDA.
+
+    compile_decode: run each decode step as one torch.compile'd graph (Inductor fuses the norms, RoPE, routing and
+    softmax around the GEMMs, the grouped experts and the cache writes, which stay library calls), compiled in the
+    first steps: one graph for batch 1, one for every other batch size and span. For the CPU, where a step's
+    hundreds of small ops cost more in dispatch than in arithmetic. The same tokens as the eager step (tested).
+    Default: off (the compilation takes 20-40 s); CPU only, not with static_decode."""
 
     def __init__(self, model: DeepSeekV3, max_batch: int = 32, max_len: int | None = None,
-                 tokenizer: Tokenizer | None = None, static_decode: bool | None = None):
+                 tokenizer: Tokenizer | None = None, static_decode: bool | None = None,
+                 compile_decode: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -98,6 +112,12 @@ class Engine:
         # The cache is the model's kind: MLA's latent cache, or a dense student's key/value cache.
         self.cache = make_cache(model.config, max_batch + static, max_len, self.device, param.dtype)
         self.max_batch = max_batch
+        if compile_decode and self.device.type != "cpu":
+            raise EngineError(f"compile_decode is for the CPU; on {self.device.type} decode with static_decode "
+                              "(CUDA graphs, the default on CUDA)")
+        if compile_decode and static:
+            raise EngineError("compile_decode and static_decode are two ways to fix the decode step: choose one")
+        self._compiled_step = torch.compile(_decode_step, dynamic=True, fullgraph=True) if compile_decode else None
         with eval_mode(model):  # CUDA graphs record the forward of the mode they are captured in
             self._decode_graphs = DecodeGraphs(model, self.cache, max_batch) if static else None
         self._speculator: MTPSpeculator | None = None  # made on the first speculative request
@@ -125,7 +145,9 @@ class Engine:
         with eval_mode(self.model):
             if self._running:
                 batch = [self._running[slot] for slot in range(len(self._running))]
-                logits = self._decode(torch.tensor([r.completion.tokens[-1] for r in batch]))
+                # The longest row after this step: each row holds its prompt and all its tokens but the last.
+                span = max(len(r.completion.prompt) + len(r.completion.tokens) for r in batch)
+                logits = self._decode(torch.tensor([r.completion.tokens[-1] for r in batch]), span)
                 outputs = self._take(batch, logits)
             admitted = []
             while self._waiting and len(self._running) < self.max_batch:
@@ -276,11 +298,17 @@ class Engine:
             request.completion.text = cut_after_stop(self.tokenizer.decode(request.completion.tokens),
                                                      request.params)
 
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token (B,) for each of the first B slots -> next-token logits (B, V) float32; the slots advance."""
+    def _decode(self, tokens: torch.Tensor, span: int) -> torch.Tensor:
+        """One token (B,) for each of the first B slots, span the longest row's length after it -> next-token
+        logits (B, V) float32; the slots advance."""
         tokens, slots = tokens.to(self.device), range(len(tokens))
         if self._decode_graphs is not None:
             logits = self._decode_graphs(tokens, torch.arange(len(tokens), device=self.device))
+        elif self._compiled_step is not None:
+            # Two graphs in all: batch 1 and every other size. Without duck shaping, because it would tie the batch
+            # to the cache's slot count when they first happen to be equal and compile again when the batch shrinks.
+            with shape_config.patch(use_duck_shape=False):
+                logits = self._compiled_step(self.model, self.cache, tokens, span)
         else:
             logits = self.model(tokens[:, None], cache=self.cache.bind(slots))[:, -1].float()
         self.cache.bind(slots).advance(1)

@@ -76,6 +76,19 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm as one op that torch.compile leaves whole: Inductor has no float32 lowering of it on the
+    CPU, and its own loops for the experts' small GEMMs are slower than the kernel (the compiled decode step,
+    nanoseek/infer/engine.py). Inference only: it has no backward."""
+    return torch._grouped_mm(x, w, offs=offsets)
+
+
+@_opaque_grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, K) sorted by group, group g ending at offsets[g] (int32); w (G, K, N) -> (M, N).
 
@@ -83,6 +96,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     kernel for all groups, never a loop over them).
     """
     if _grouped_mm_supported(x, w):
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return _opaque_grouped_mm(x, w, offsets)
         return torch._grouped_mm(x, w, offs=offsets)
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
     groups = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0])
