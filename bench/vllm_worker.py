@@ -20,9 +20,11 @@ def main() -> None:
     model_dir, request_file, result_file = sys.argv[1:4]
     request = json.loads(open(request_file).read())
     longest = max(map(len, request["prompts"])) + request["new_tokens"]
-    # On the CPU backend gpu_memory_utilization is the share of host memory vLLM reserves for its KV cache.
+    # On the CPU backend gpu_memory_utilization is the share of host memory vLLM reserves for its KV cache. On a CPU
+    # with AMX vLLM picks its AMX_MLA attention, which takes only bfloat16 (or quantised) weights; CPU_MLA is its MLA
+    # for float32 (what it runs on CPUs without AMX).
     llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=longest,
-              gpu_memory_utilization=0.3)
+              gpu_memory_utilization=0.3, attention_backend="CPU_MLA")
     params = SamplingParams(max_tokens=request["new_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
     result = {"vllm": vllm.__version__, "batches": {}}
     for batch in request["batches"]:
