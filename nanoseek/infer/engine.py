@@ -84,7 +84,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _decode_step(model: DeepSeekV3, cache: SlotCache, tokens: torch.Tensor, span: int) -> torch.Tensor:
     """One decode forward of the first B slots: tokens (B,) -> next-token logits (B, V) float32 (the caller
-    advances the slots). What compile_decode compiles, once for every batch size and span."""
+    advances the slots). What compile_decode compiles: two graphs (batch 1, and the rest) for every batch size and
+    span."""
     return model(tokens[:, None], cache=cache.leading(tokens.shape[0], span))[:, -1].float()
 
 
