@@ -46,7 +46,7 @@ def bench_nanoseek(model, prompts: list[list[int]], new_tokens: int, static: boo
     engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens, static_decode=static,
                     compile_decode=compile_decode)
     params = SamplingParams(max_new_tokens=new_tokens)
-    warm_up = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=16)), device)[0]  # and compile
+    warm_up = timed(lambda: engine.generate(prompts, SamplingParams(max_new_tokens=min(16, new_tokens))), device)[0]
     seconds = timed(lambda: engine.generate(prompts, params), device, repeats)
     return result(prompts, new_tokens, seconds, [c.tokens for c in engine.generate(prompts, params)]) | {
         "warm_up_seconds": warm_up}

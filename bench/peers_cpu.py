@@ -138,13 +138,21 @@ def main() -> None:
         model_dir = work / "model"
         nanoseek.save_pretrained(nanoseek.DeepSeekV3(config), model_dir)
         reference: dict[int, list[list[int]]] = {}
-        for name, compiled in NANOSEEK_MODES.items():
-            for batch in args.batches:
-                seconds, tokens, warm_up = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats,
-                                                           compiled)
-                reference.setdefault(batch, tokens)
-                rows[str(batch)][name] = {"seconds": seconds, "warm_up_seconds": [warm_up],
-                                          "same_tokens": tokens == reference[batch]}
+
+        def nanoseek_pass() -> None:
+            """Each nanoseek mode at each batch, added to its row; the first tokens measured are the reference."""
+            for name, compiled in NANOSEEK_MODES.items():
+                for batch in args.batches:
+                    seconds, tokens, warm_up = nanoseek_decode(model_dir, prompts, batch, args.new_tokens,
+                                                               args.repeats, compiled)
+                    reference.setdefault(batch, tokens)
+                    row = rows[str(batch)].setdefault(name, {"seconds": [], "warm_up_seconds": [],
+                                                             "same_tokens": True})
+                    row["seconds"] += seconds
+                    row["warm_up_seconds"].append(warm_up)
+                    row["same_tokens"] &= tokens == reference[batch]
+
+        nanoseek_pass()
         if not args.no_transformers:
             import transformers
 
@@ -161,14 +169,7 @@ def main() -> None:
                 measured = result["batches"][str(batch)]
                 rows[str(batch)]["vllm"] = {"seconds": measured["seconds"],
                                             "same_tokens": measured["tokens"] == reference[batch]}
-        for name, compiled in NANOSEEK_MODES.items():  # the second pass, after the peers
-            for batch in args.batches:
-                seconds, tokens, warm_up = nanoseek_decode(model_dir, prompts, batch, args.new_tokens, args.repeats,
-                                                           compiled)
-                row = rows[str(batch)][name]
-                row["seconds"] += seconds
-                row["warm_up_seconds"].append(warm_up)
-                row["same_tokens"] &= tokens == reference[batch]
+        nanoseek_pass()  # the second pass, after the peers
     for batch, peers in rows.items():
         for name, row in peers.items():
             row["tokens_per_s"] = int(batch) * args.new_tokens / statistics.median(row["seconds"])

@@ -95,7 +95,7 @@ class SlotCache:
 
     def leading(self, rows: int, span: int) -> LeadingRows:
         """The first `rows` slots, attending `span` cached entries (at least the longest row's length after the
-        forward, known to the caller): a compiled decode step's binding (nanoseek/infer/engine.py)."""
+        forward, known to the caller): the engine's decode step's binding (nanoseek/infer/engine.py)."""
         return LeadingRows(self, rows, span)
 
     def advance(self, counts: torch.Tensor | int) -> None:

@@ -84,8 +84,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _decode_step(model: DeepSeekV3, cache: SlotCache, tokens: torch.Tensor, span: int) -> torch.Tensor:
     """One decode forward of the first B slots: tokens (B,) -> next-token logits (B, V) float32 (the caller
-    advances the slots). What compile_decode compiles: two graphs (batch 1, and the rest) for every batch size and
-    span."""
+    advances the slots). The span comes from the host, so nothing is read back from the cache's lengths; the same
+    function runs eagerly or compiled (compile_decode: two graphs, batch 1 and the rest, for every size and span)."""
     return model(tokens[:, None], cache=cache.leading(tokens.shape[0], span))[:, -1].float()
 
 
@@ -118,7 +118,8 @@ class Engine:
                               "(CUDA graphs, the default on CUDA)")
         if compile_decode and static:
             raise EngineError("compile_decode and static_decode are two ways to fix the decode step: choose one")
-        self._compiled_step = torch.compile(_decode_step, dynamic=True, fullgraph=True) if compile_decode else None
+        self._compiled = compile_decode
+        self._decode_step = torch.compile(_decode_step, dynamic=True, fullgraph=True) if compile_decode else _decode_step
         with eval_mode(model):  # CUDA graphs record the forward of the mode they are captured in
             self._decode_graphs = DecodeGraphs(model, self.cache, max_batch) if static else None
         self._speculator: MTPSpeculator | None = None  # made on the first speculative request
@@ -305,13 +306,13 @@ class Engine:
         tokens, slots = tokens.to(self.device), range(len(tokens))
         if self._decode_graphs is not None:
             logits = self._decode_graphs(tokens, torch.arange(len(tokens), device=self.device))
-        elif self._compiled_step is not None:
+        elif self._compiled:
             # Two graphs in all: batch 1 and every other size. Without duck shaping, because it would tie the batch
             # to the cache's slot count when they first happen to be equal and compile again when the batch shrinks.
             with shape_config.patch(use_duck_shape=False):
-                logits = self._compiled_step(self.model, self.cache, tokens, span)
+                logits = self._decode_step(self.model, self.cache, tokens, span)
         else:
-            logits = self.model(tokens[:, None], cache=self.cache.bind(slots))[:, -1].float()
+            logits = self._decode_step(self.model, self.cache, tokens, span)
         self.cache.bind(slots).advance(1)
         return logits
 
