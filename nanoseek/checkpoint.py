@@ -247,11 +247,13 @@ def read_state_dict(files: _TensorFiles, config: ModelConfig,
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or for a training run's directory its latest checkpoint's model."""
+    """A checkpoint directory as given, or for a training run's directory its latest checkpoint's model: the EMA of
+    its weights (ema/) when the run kept one (--ema-decay), else its weights (model/)."""
     path = Path(path)
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
-        return path / "checkpoints" / latest.read_text().strip() / "model"
+        checkpoint = path / "checkpoints" / latest.read_text().strip()
+        return checkpoint / "ema" if (checkpoint / "ema").is_dir() else checkpoint / "model"
     return path
 
 

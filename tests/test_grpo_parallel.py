@@ -1,5 +1,5 @@
-"""GRPO on the shared step: data parallel on gloo (2 ranks) equals one process on the same groups; a checkpoint
-written by 2 ranks resumes on 1; a non-finite step is skipped as in pretraining."""
+"""GRPO on the shared step: data parallel on gloo (2 ranks) equals one process on the same groups, its EMA too; a
+checkpoint written by 2 ranks resumes on 1; a non-finite step is skipped as in pretraining."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def setup(out_dir: str):
     torch.manual_seed(0)
     model = DeepSeekV3(tiny_config(vocab_size=tok.vocab_size))
     train = replace(GRPO_TRAIN_DEFAULTS, out_dir=out_dir, lr=1e-2, warmup_steps=0, max_steps=STEPS, save_every=0,
-                    tensorboard=False, device="cpu")
+                    ema_decay=0.5, tensorboard=False, device="cpu")
     grpo = GRPOConfig(group_size=4, prompts_per_step=4, max_new_tokens=6, drop_uninformative=False)
     return model, tok, train, grpo
 
@@ -48,7 +48,22 @@ def oracle(out_dir: str):
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = grpo_trainer(model, tok, train, grpo, REWARD)
     records = [trainer.train_step() for _ in range(STEPS)]
+    oracle_ema.update({k: v.clone() for k, v in trainer.ema.items()})
     return records, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, initial
+
+
+oracle_ema: dict[str, torch.Tensor] = {}  # the one process's EMA after STEPS steps (set by oracle())
+
+
+def ema_difference(trainer, initial) -> float:
+    """Largest difference between a trainer's EMA and the one process's, relative to that EMA's move from the
+    initial weights (Frobenius norms, as `difference` compares the weights)."""
+    worst = 0.0
+    for name, value in trainer.ema.items():
+        moved = (oracle_ema[name] - initial[name]).float().norm()
+        if moved > 0:
+            worst = max(worst, float((value - oracle_ema[name]).norm() / moved))
+    return worst
 
 
 def parallel_trainer(out_dir: str):
@@ -92,6 +107,7 @@ def worker(rank: int, world: int, tmp: str, report) -> None:
         steps, weights = difference(records, trainer.model, reference)
         report("dp2 steps", steps)
         report("dp2 weights", weights)
+        report("dp2 ema", ema_difference(trainer, reference[2]))
         saver = parallel_trainer(run_dir)  # 2 steps on 2 ranks, then a distributed checkpoint
         for _ in range(STEPS - 1):
             saver.train_step()
@@ -104,6 +120,7 @@ def worker(rank: int, world: int, tmp: str, report) -> None:
         steps, weights = difference([last], trainer.model, (records[-1:], state, initial))
         report("resumed steps", steps)
         report("resumed weights", weights)
+        report("resumed ema", ema_difference(trainer, initial))
 
 
 def test_grpo_data_parallel_equals_one_process_and_resumes_on_another_rank_count(tmp_path):
@@ -111,12 +128,12 @@ def test_grpo_data_parallel_equals_one_process_and_resumes_on_another_rank_count
     steps, weights = two["dp2 steps"], two["dp2 weights"]
     print(f"GRPO on 2 data-parallel ranks against one process: losses and gradient norms within {steps:.2e}, "
           f"weight updates within {weights:.2e} (relative)")
-    assert steps < 1e-4 and weights < 1e-3
+    assert steps < 1e-4 and weights < 1e-3 and two["dp2 ema"] < 1e-3
     one = spawn(worker, 1, (str(tmp_path),), 2)
     steps, weights = one["resumed steps"], one["resumed weights"]
     print(f"written on 2 ranks, resumed on 1: losses and gradient norms within {steps:.2e}, weight updates within "
-          f"{weights:.2e}")
-    assert steps < 1e-4 and weights < 1e-3
+          f"{weights:.2e}; the EMA (read back from ema/) within {one['resumed ema']:.2e}")
+    assert steps < 1e-4 and weights < 1e-3 and one["resumed ema"] < 1e-3
 
 
 def test_grpo_skips_a_non_finite_step_as_pretraining_does(tmp_path, monkeypatch):

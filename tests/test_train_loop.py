@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 
+from nanoseek.checkpoint import load_pretrained, resolve_checkpoint
 from nanoseek.model import DeepSeekV3
 from dataclasses import fields
 
@@ -189,6 +190,45 @@ def test_cpu_ema(tmp_path):
     w1 = trainer.model.lm_head.weight.detach()
     torch.testing.assert_close(trainer.ema["lm_head.weight"], 0.9 * w0 + 0.1 * w1)
     assert trainer.ema["lm_head.weight"].device.type == "cpu"
+
+
+def test_the_ema_is_saved_as_the_runs_model_and_resumes_exactly(tmp_path):
+    """Each checkpoint holds ema/, a model directory of the EMA's weights (the oracle: the EMA computed by hand
+    from the weights after each step), which a run's directory resolves to; model/ keeps the trained weights; a
+    resumed run continues the EMA exactly."""
+    straight = make_trainer(tmp_path / "straight", ema_decay=0.8)
+    by_hand = {k: v.detach().clone() for k, v in straight.model.state_dict().items()}
+    for _ in range(4):
+        straight.train_step()
+        for k, v in straight.model.state_dict().items():
+            by_hand[k] = 0.8 * by_hand[k] + 0.2 * v.detach()
+    checkpoint = straight.save()
+    assert resolve_checkpoint(tmp_path / "straight") == checkpoint / "ema"
+    saved_ema = load_pretrained(checkpoint / "ema").state_dict()
+    for k, v in by_hand.items():
+        torch.testing.assert_close(saved_ema[k], v, rtol=1e-6, atol=1e-7)
+    saved_weights = load_pretrained(checkpoint / "model").state_dict()
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(saved_weights[k], v), k
+
+    first = make_trainer(tmp_path / "split", ema_decay=0.8)
+    for _ in range(2):
+        first.train_step()
+    first.save()
+    second = make_trainer(tmp_path / "split", seed=123, ema_decay=0.8)  # another init: the EMA comes from disk
+    assert second.resume() and second.step == 2
+    for _ in range(2):
+        second.train_step()
+    for k, v in straight.ema.items():
+        assert torch.equal(second.ema[k], v), k
+
+
+def test_a_run_without_an_ema_resolves_to_its_weights(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train_step()
+    checkpoint = trainer.save()
+    assert not (checkpoint / "ema").exists()
+    assert resolve_checkpoint(tmp_path) == checkpoint / "model"
 
 
 def test_training_with_mtp_off_still_balances(tmp_path):

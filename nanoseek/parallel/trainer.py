@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.atomic import write_text
-from nanoseek.checkpoint import save_pretrained
+from nanoseek.checkpoint import load_pretrained
 from nanoseek.model import DeepSeekV3
 from nanoseek.parallel import checkpoint
 from nanoseek.parallel.data import GradSync, ZeroAdamW, clip_grad_norm
@@ -33,8 +33,9 @@ class ParallelTrainer(Trainer):
                  micro_batch_size: int | None = None):
         """`model` holds the full initial weights on every rank (the same seed); this rank keeps its part.
         seq_len and micro_batch_size: the fixed micro-batch shape a pipeline (pp > 1) sends between stages."""
-        if cfg.ema_decay > 0:
-            raise TrainingError("ema_decay > 0 is not supported with parallelism (the EMA would be sharded too)")
+        if cfg.ema_decay > 0 and (ctx.layout.pp > 1 or ctx.layout.ep > 1):
+            raise TrainingError(f"ema_decay {cfg.ema_decay} needs every rank to hold the whole model, and this layout "
+                                f"({ctx.layout}) splits it: pass --ema-decay 0, or run with pp = ep = 1")
         self.ctx = ctx
         self.is_main = ctx.is_main
         self.dp_rank, self.dp_size = ctx.data_rank, ctx.layout.data_parallel
@@ -119,10 +120,9 @@ class ParallelTrainer(Trainer):
                  "layout": str(self.ctx.layout)}
         checkpoint.save(path, self.model, self.optimizer, self.ctx, extra)
         if self.is_main and self.ctx.layout.pp == 1 and self.ctx.layout.ep == 1:
-            # Every rank holds the whole model: also a Hugging Face directory, for eval, chat and transformers.
-            save_pretrained(self.model, path / "model")
-            for name, source in self.model_files.items():
-                shutil.copyfile(source, path / "model" / name)
+            # Every rank holds the whole model (and the same EMA): also Hugging Face directories, for eval, chat and
+            # transformers; a resume reads the EMA back from ema/.
+            self.save_models(path)
         dist.barrier()
         if self.is_main:  # the metadata file is written last: a directory named in `latest` is complete
             write_text(root / "latest", path.name)
@@ -136,8 +136,10 @@ class ParallelTrainer(Trainer):
         latest = self.checkpoint_dir / "latest"
         if not latest.exists():
             return False
-        extra = checkpoint.load(self.checkpoint_dir / latest.read_text().strip(), self.model, self.optimizer,
-                                self.ctx)
+        path = self.checkpoint_dir / latest.read_text().strip()
+        extra = checkpoint.load(path, self.model, self.optimizer, self.ctx)
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(load_pretrained(path / "ema").state_dict())
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.stage.load_state_dict(extra["data"])
         return True

@@ -15,6 +15,7 @@ Run layout under out_dir:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -169,7 +170,8 @@ class TrainConfig:
     # "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16", "fp32", or "fp8": DeepSeek-V3's FP8 GEMMs
     # (nanoseek/model/fp8.py), everything else as "auto".
     precision: Literal["auto", "bf16", "fp32", "fp8"] = "auto"
-    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights on the CPU
+    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights on the CPU, saved as each
+                            # checkpoint's ema/: then the run's model (what --model RUN_DIR reads); 0: none
     eval_every: int = 100  # steps between held-out evaluations (0: none)
     save_every: int = 100  # steps between checkpoints (0: only at the end or on a signal)
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
@@ -424,6 +426,10 @@ class Trainer:
         self.model_files = model_files or {}
         self.out_dir = Path(cfg.out_dir)
         self.device = pick_device(cfg.device)
+        # The EMA of the weights is a float32 copy of the model on the CPU (copied before the model moves to the
+        # device, so that a GPU never holds both), saved as ema/ beside model/ in each checkpoint: the run's model.
+        self.ema_model = (copy.deepcopy(model).to("cpu", torch.float32).eval().requires_grad_(False)
+                          if cfg.ema_decay > 0 else None)
         self.model = model.to(self.device)
         self.step = 0
         self.tokens = 0
@@ -438,8 +444,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=self.device.type == "cuda")
-        self.ema = ({k: v.detach().to("cpu", copy=True).float() for k, v in model.state_dict().items()}
-                    if cfg.ema_decay > 0 else None)
+        self.ema = self.ema_model.state_dict() if self.ema_model is not None else None  # views of its tensors
         self.bias_speed = (model.config.bias_update_speed if cfg.bias_update_speed is None
                            else cfg.bias_update_speed)
         self.aux_alpha = model.config.aux_loss_alpha if cfg.aux_alpha is None else cfg.aux_alpha
@@ -570,10 +575,17 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def save_models(self, directory: Path) -> None:
+        """directory/model (the weights) and, with an EMA, directory/ema: Hugging Face directories with the model
+        files (a tokenizer), each loadable on its own."""
+        for model, name in ((self.model, "model"), (self.ema_model, "ema")):
+            if model is not None:
+                save_pretrained(model, directory / name)
+                for file, source in self.model_files.items():
+                    shutil.copyfile(source, directory / name / file)
+
     def _write_checkpoint(self, directory: Path) -> None:
-        save_pretrained(self.model, directory / "model")
-        for name, source in self.model_files.items():
-            shutil.copyfile(source, directory / "model" / name)
+        self.save_models(directory)
         state = {
             "step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
             "data": self.stage.state_dict(), "ema": self.ema, "train_config": asdict(self.cfg),
@@ -593,7 +605,9 @@ class Trainer:
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.stage.load_state_dict(state["data"])
-        self.step, self.tokens, self.ema = state["step"], state["tokens"], state["ema"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(state["ema"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
