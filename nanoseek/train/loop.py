@@ -8,6 +8,7 @@ balancing-bias update, the CPU EMA, the learning-rate schedule and the record of
 Run layout under out_dir:
   run.json               the stage and every setting of the run (a resume takes them from here)
   checkpoints/step_000100/model/     the weights as a Hugging Face DeepSeek-V3 checkpoint
+  checkpoints/step_000100/ema/       with --ema-decay: the EMA of the weights, likewise (the run's model then)
   checkpoints/step_000100/trainer.pt optimizer, step, data position, RNG states, CPU EMA
   checkpoints/latest     the name of the newest complete checkpoint (replaced atomically after it is written)
 """
