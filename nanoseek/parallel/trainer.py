@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.atomic import write_text
-from nanoseek.checkpoint import load_pretrained
 from nanoseek.model import DeepSeekV3
 from nanoseek.parallel import checkpoint
 from nanoseek.parallel.data import GradSync, ZeroAdamW, clip_grad_norm
@@ -138,8 +137,7 @@ class ParallelTrainer(Trainer):
             return False
         path = self.checkpoint_dir / latest.read_text().strip()
         extra = checkpoint.load(path, self.model, self.optimizer, self.ctx)
-        if self.ema_model is not None:
-            self.ema_model.load_state_dict(load_pretrained(path / "ema").state_dict())
+        self.restore_ema(path)
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.stage.load_state_dict(extra["data"])
         return True

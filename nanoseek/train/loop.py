@@ -9,7 +9,7 @@ Run layout under out_dir:
   run.json               the stage and every setting of the run (a resume takes them from here)
   checkpoints/step_000100/model/     the weights as a Hugging Face DeepSeek-V3 checkpoint
   checkpoints/step_000100/ema/       with --ema-decay: the EMA of the weights, likewise (the run's model then)
-  checkpoints/step_000100/trainer.pt optimizer, step, data position, RNG states, CPU EMA
+  checkpoints/step_000100/trainer.pt optimizer, step, data position, RNG states
   checkpoints/latest     the name of the newest complete checkpoint (replaced atomically after it is written)
 """
 
@@ -585,11 +585,23 @@ class Trainer:
                 for file, source in self.model_files.items():
                     shutil.copyfile(source, directory / name / file)
 
+    def restore_ema(self, checkpoint: Path, saved: dict[str, torch.Tensor] | None = None) -> None:
+        """The EMA from the checkpoint's ema/ (float32 safetensors: exact), or from `saved`, the EMA a checkpoint
+        written before ema/ existed kept in its trainer.pt; nothing to do without an EMA."""
+        if self.ema_model is None:
+            return
+        if (checkpoint / "ema").is_dir():
+            saved = load_pretrained(checkpoint / "ema").state_dict()
+        if saved is None:
+            raise TrainingError(f"{checkpoint} holds no EMA (no ema/), but the run keeps one (--ema-decay "
+                                f"{self.cfg.ema_decay})")
+        self.ema_model.load_state_dict(saved)
+
     def _write_checkpoint(self, directory: Path) -> None:
         self.save_models(directory)
         state = {
             "step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
-            "data": self.stage.state_dict(), "ema": self.ema, "train_config": asdict(self.cfg),
+            "data": self.stage.state_dict(), "train_config": asdict(self.cfg),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -607,8 +619,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.stage.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens"]
-        if self.ema_model is not None:
-            self.ema_model.load_state_dict(state["ema"])
+        self.restore_ema(path, state.get("ema"))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
