@@ -9,14 +9,16 @@ a table of the gains with their mean, min, max and standard deviation over the s
 
 Why two evaluations. The pipeline's (k=8 at T 0.6 on 30 held-out problems of each of the 7 tasks, 210 in all) is
 the one issue 17's bars are judged on. With only 30 problems a task, which ones a model happens to get right moves
-a run's pass@1 by about two points: session 14 found the same five GRPO runs spread over 6.7 points on it and 3.6
-points on the larger set. The larger set (`--big-per-task` problems of each task from the held-out split, drawn with
-seed 1; the easy levels of multiplication and linear equations hold fewer, so all of theirs) is what tells a
+a run's gain by about 2.5 points (a standard deviation): session 14 found five GRPO runs from one base spread over
+6.7 points on it and 3.1 points on the larger set. The larger set (`--big-per-task` problems of each task from the
+held-out split, drawn with seed 1; the easy levels of multiplication and linear equations hold fewer, so nearly all
+of theirs: 912 problems in all) is what tells a
 change to the recipe from the evaluation's noise. Both report the mean over tasks, as the pipeline's overall does.
 
 `--parallel` runs go at a time, each with OMP_NUM_THREADS = the cores / --parallel (on 2 cores, two runs at one
 thread each take about as long as one run alone each). The evaluations run afterwards, one at a time, on all cores,
-and are kept in each run's directory (eval-heldout.json, eval-big.json; the base's in WORK_DIR/base-*.json), so a rerun only evaluates what is missing.
+and are kept in each run's directory (eval-heldout.json, eval-big.json; the base's in WORK_DIR/base-*.json), so a
+rerun only evaluates what is missing.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def summarise(base: dict[str, dict[str, Any]], runs: dict[int, dict[str, dict[st
 def format_table(summary: dict[str, Any]) -> str:
     base = summary["base_pass@1"]
     lines = [f"base: pipeline evaluation {base['pipeline']:.1f}%, larger set {base['big']:.1f}%",
-             "| GRPO seed | pipeline pass@1 | gain | tasks improved | larger set pass@1 | gain |", "|---|---|---|---|---|---|"]
+             "| GRPO seed | pipeline pass@1 | gain | tasks improved | larger set pass@1 | gain |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['grpo_seed']} | {r['pipeline_pass@1']:.1f}% | {r['pipeline_gain']:+.1f} | {r['tasks_improved']} | "
               f"{r['big_pass@1']:.1f}% | {r['big_gain']:+.1f} |" for r in summary["runs"]]
     lines += [f"| {name} | | {summary[name]['pipeline_gain']:+.1f} | {summary[name]['tasks_improved']:.1f} | | "
