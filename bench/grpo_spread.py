@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from nanoseek.eval import EvalConfig, heldout_problems  # noqa: E402
 from nanoseek.pipeline import evaluate_run  # noqa: E402
+from nanoseek.options import child_options  # noqa: E402
 from nanoseek.provenance import device_name, git_commit, write_result  # noqa: E402
 
 RESERVED = ("--model", "--seed", "--out-dir")  # the options this script sets for each run
@@ -142,9 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run no training: evaluate what is missing and summarise the runs in --work-dir")
     parser.add_argument("--out", default="bench/results/grpo-spread-cpu.json", help="result JSON")
     args = parser.parse_args(argv)
-    grpo_args = shlex.split(args.grpo_args)
-    if reserved := [a for a in grpo_args if a.split("=", 1)[0] in RESERVED]:
-        parser.error(f"--grpo-args may not set {', '.join(reserved)}: this script sets them for each run")
+    grpo_args = child_options(parser, "--grpo-args", args.grpo_args, RESERVED)
     if args.parallel < 1 or args.big_per_task < 1:
         parser.error("--parallel and --big-per-task must be >= 1")
     if not args.base.exists():

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanoseek.options import child_options  # noqa: E402
 from nanoseek.provenance import device_name, git_commit, write_result  # noqa: E402
 
 COLUMNS = ("base", "r1_zero", "gain", "tasks_improved", "format", "minutes")  # a run's numbers (percent, minutes)
@@ -146,9 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="run nothing: summarise the finished runs in --work-dir")
     parser.add_argument("--out", default="bench/results/pipeline-seeds-cpu.json", help="result JSON")
     args = parser.parse_args(argv)
-    pipeline_args = shlex.split(args.pipeline_args)
-    if reserved := [a for a in pipeline_args if a.split("=", 1)[0] in RESERVED]:
-        parser.error(f"--pipeline-args may not set {', '.join(reserved)}: this script sets them for each run")
+    pipeline_args = child_options(parser, "--pipeline-args", args.pipeline_args, RESERVED)
 
     if not args.summarise_only:
         for seed in args.seeds:

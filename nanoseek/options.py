@@ -18,6 +18,7 @@ import functools
 import inspect
 import io
 import math
+import shlex
 import textwrap
 import tokenize
 import types
@@ -60,6 +61,15 @@ fraction = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 # ---------------------------------------------------------------------- config dataclasses as options
+def child_options(parser: argparse.ArgumentParser, option: str, text: str, reserved: tuple[str, ...]) -> list[str]:
+    """A script's `option` string of more options for the command it runs (shell-split); one that sets an option of
+    `reserved` (the script sets those itself) is a usage error naming it."""
+    options = shlex.split(text)
+    if taken := [a for a in options if a.split("=", 1)[0] in reserved]:
+        parser.error(f"{option} may not set {', '.join(taken)}: this script sets them for each run")
+    return options
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
                           defaults: Any = None) -> None:
     """One --option per field of the config dataclass `cls` (but those in `skip`), typed and defaulted from
