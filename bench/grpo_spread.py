@@ -1,6 +1,8 @@
-"""How far apart do GRPO runs from one base land? `nanoseek grpo` from one base model for several seeds (and the
-same extra options), each evaluated as `nanoseek pipeline` evaluates its R1-Zero model and on a larger held-out set;
-a table of the gains with their mean, min, max and standard deviation over the seeds.
+"""How far apart do GRPO runs from one base land, on the pipeline's evaluation and on a larger held-out set?
+
+`nanoseek grpo` from one base model for several seeds (and the same extra options), each evaluated as `nanoseek
+pipeline` evaluates its R1-Zero model and on a larger held-out set; a table of the gains with their mean, min, max
+and standard deviation over the seeds.
 
     python bench/grpo_spread.py --base runs/seeds/seed-2/pretrain --seeds 12 22 32 --work-dir runs/spread/default
     python bench/grpo_spread.py --base runs/seeds/seed-2/pretrain --seeds 12 22 32 --work-dir runs/spread/nostd \\
@@ -126,12 +128,12 @@ def format_table(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--base", type=Path, required=True,
-                        help="the base model: a pretraining run's directory or a checkpoint (no default)")
+    parser.add_argument("--base", type=Path, required=True, default=argparse.SUPPRESS,
+                        help="the base model: a pretraining run's directory or a checkpoint (required)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[12, 22, 32], help="the GRPO seeds to run")
-    parser.add_argument("--work-dir", type=Path, required=True,
+    parser.add_argument("--work-dir", type=Path, required=True, default=argparse.SUPPRESS,
                         help="each run goes in WORK_DIR/seed-N; the base's evaluations in WORK_DIR/base-*.json "
-                             "(no default)")
+                             "(required)")
     parser.add_argument("--grpo-args", default="",
                         help="more `nanoseek grpo` options for every run, in one string (empty: none; a lone option: "
                              "--grpo-args=--no-scale-std)")

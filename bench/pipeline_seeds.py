@@ -1,4 +1,6 @@
-"""Does R1-Zero's gain hold across seeds? `nanoseek pipeline` for each seed in its own directory, then a table of
+"""Does R1-Zero's gain hold across seeds?
+
+`nanoseek pipeline` for each seed in its own directory, then a table of
 base and R1-Zero pass@1 per seed, the gain, the tasks improved, the format rate after R1-Zero and the minutes, with
 their mean, min and max over the seeds, checked against issue 17's bars.
 
