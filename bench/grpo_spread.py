@@ -87,8 +87,15 @@ def run_grpo(base: Path, seeds: list[int], work_dir: Path, grpo_args: list[str],
                   flush=True)
             with open(out / "log.txt", "w") as log:
                 running.append((seed, out, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)))
-        for seed, out, process in running:
-            if status := process.wait():
+        try:
+            statuses = [process.wait() for _, _, process in running]
+        except KeyboardInterrupt:  # the runs got the SIGINT too: each saves a checkpoint and stops
+            for _, _, process in running:
+                process.wait()
+            sys.exit("interrupted; continue each unfinished run with `nanoseek grpo --resume --out-dir "
+                     f"{work_dir}/seed-N`, then summarise with --summarise-only")
+        for (seed, out, _), status in zip(running, statuses, strict=True):
+            if status:
                 sys.exit(f"GRPO seed {seed} exited with status {status}; its run and log are in {out}")
 
 
