@@ -534,13 +534,24 @@ PRESETS: dict[str, ModelConfig] = {
         v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
         first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=1024, rope_scaling=None,
     ),
-    # The CPU demo model: about 7M params, trains at a few thousand tokens/s on 2 cores.
+    # The CPU benchmark model (the speed comparisons with transformers and vLLM): about 7M params.
     "small": ModelConfig(
         vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=192, num_hidden_layers=4,
         num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
         first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=2048, rope_scaling=None,
         bias_update_speed=0.01,  # a few hundred steps, not V3's hundreds of thousands: balance faster
+    ),
+    # The embedded default's model (`nanoseek pretrain`, `nanoseek pipeline`): `small` at three quarters of its
+    # width (hidden 192, head dims 24), 3.9M params with MTP. A step costs about 0.6 of small's on a 2-core CPU, and
+    # at this budget the model is far from trained: 2,200 steps of it in small's 1,400-step minutes gave a base of
+    # 40-43% pass@1 against 24-26% (docs/pretraining.md, "A narrower model", issue 17).
+    "narrow": ModelConfig(
+        vocab_size=2048, hidden_size=192, intermediate_size=576, moe_intermediate_size=144, num_hidden_layers=4,
+        num_attention_heads=4, q_lora_rank=96, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=16,
+        v_head_dim=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
+        first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=2048, rope_scaling=None,
+        bias_update_speed=0.01,
     ),
     # The benchmark model of ../shared/anchors (1235.3M total, 231.8M activated without MTP).
     "bench-1b": ModelConfig(

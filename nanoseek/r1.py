@@ -39,8 +39,8 @@ measured speeds (README and docs: GRPO 16 prompts x 8 samples 3.6-4.0 s a step, 
     evaluations     5 x (210 problems x 9 + 50 instructions x 8 completions)           5-6 min
                                                                                        about 33-43 min
 
-R1-Zero adds nothing when reused, else its 300 steps and an evaluation (19-21 min); the base, when absent, the
-pretraining (13 min).
+R1-Zero adds nothing when reused, else its 420 steps and an evaluation; the base, when absent, the pretraining
+(about 11 min). These times were measured with the earlier `small` base and 300 R1-Zero steps.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class R1Config:
     all_scenario_steps: int = 150  # GRPO steps of the all-scenario RL
     general_share: float = 0.25  # share of the all-scenario RL's prompts that are general prompts scored by the
                                  # reward model
-    r1_zero_steps: int = 300  # GRPO steps of R1-Zero from the base (`nanoseek pipeline`'s)
+    r1_zero_steps: int = GRPO_TRAIN_DEFAULTS.max_steps  # GRPO steps of R1-Zero from the base (`nanoseek pipeline`'s)
     problems_per_task: int = 30  # held-out problems per built-in task in each evaluation (7 tasks, k=8 each)
     eval_instructions: int = 50  # held-out non-reasoning instructions in each evaluation (k=8 replies each)
 

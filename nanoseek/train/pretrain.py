@@ -45,11 +45,11 @@ class BatchSource(Protocol):
 class PretrainConfig:
     """The pretraining stage's own options: its data, its batches and its loss weights."""
 
-    preset: str = "small"  # the model preset to pretrain (`nanoseek info --preset NAME` shows it)
+    preset: str = "narrow"  # the model preset to pretrain (`nanoseek info --preset NAME` shows it)
     data: tuple[str, ...] = ()  # text/JSONL/Parquet files or directories, or one prepared shard directory
                                 # (none: the built-in corpus of verifiable reasoning problems)
     tokenizer: str | None = None  # a tokenizer.json to use; none trains a BPE of the preset's vocabulary size
-    builtin_docs: int = 60_000  # documents of the built-in corpus when no data is given
+    builtin_docs: int = 90_000  # documents of the built-in corpus when no data is given
     difficulty: int = 1  # level of the built-in corpus's problems (0: mixed, tasks.LEVEL_WEIGHTS)
     # Share of built-in documents that state the answer with no worked steps: the base model then sometimes
     # reasons and sometimes guesses, and R1-Zero learns, task by task, which of the two pays (docs/pretraining.md).
