@@ -543,9 +543,9 @@ PRESETS: dict[str, ModelConfig] = {
         bias_update_speed=0.01,  # a few hundred steps, not V3's hundreds of thousands: balance faster
     ),
     # The embedded default's model (`nanoseek pretrain`, `nanoseek pipeline`): `small` at three quarters of its
-    # width (hidden 192, head dims 24), 3.9M params with MTP. A step costs about 0.6 of small's on a 2-core CPU, and
-    # at this budget the model is far from trained: 2,200 steps of it in small's 1,400-step minutes gave a base of
-    # 40-43% pass@1 against 24-26% (docs/pretraining.md, "A narrower model", issue 17).
+    # width (hidden 192, head dims 24), 3.9M params with MTP. A step costs 0.6-0.8 of small's on a 2-core CPU, and
+    # at this budget the model is far from trained: 2,200 steps of it (12.9 minutes in the pipeline) gave bases of
+    # 34-43% pass@1 where small's 1,400 gave 24-26% (docs/pretraining.md, "A narrower model", issue 17).
     "narrow": ModelConfig(
         vocab_size=2048, hidden_size=192, intermediate_size=576, moe_intermediate_size=144, num_hidden_layers=4,
         num_attention_heads=4, q_lora_rank=96, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=16,

@@ -40,7 +40,7 @@ measured speeds (README and docs: GRPO 16 prompts x 8 samples 3.6-4.0 s a step, 
                                                                                        about 33-43 min
 
 R1-Zero adds nothing when reused, else its 420 steps and an evaluation; the base, when absent, the pretraining
-(about 11 min). These times were measured with the earlier `small` base and 300 R1-Zero steps.
+(about 13 min). The other times were measured with the earlier `small` base and 300 R1-Zero steps.
 """
 
 from __future__ import annotations
