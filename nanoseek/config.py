@@ -546,7 +546,7 @@ PRESETS: dict[str, ModelConfig] = {
     # width (hidden 192, head dims 24), 3.9M params with MTP. A step costs 0.6-0.8 of small's on a 2-core CPU, and
     # at this budget the model is far from trained: 2,200 steps of it (12.2-12.9 minutes in the pipeline) gave bases
     # of 34-43% pass@1 where small's 1,400 gave 24-26% (docs/pretraining.md, "A narrower model", issue 17). The
-    # default is 1,900 steps, to keep the pipeline under 25 minutes ("The acceptance round").
+    # default is 1,600 steps, to keep the pipeline well under 25 minutes ("The acceptance round").
     "narrow": ModelConfig(
         vocab_size=2048, hidden_size=192, intermediate_size=576, moe_intermediate_size=144, num_hidden_layers=4,
         num_attention_heads=4, q_lora_rank=96, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=16,

@@ -39,8 +39,8 @@ measured speeds (README and docs: GRPO 16 prompts x 8 samples 3.6-4.0 s a step, 
     evaluations     5 x (210 problems x 9 + 50 instructions x 8 completions)           5-6 min
                                                                                        about 33-43 min
 
-R1-Zero adds nothing when reused, else its 360 steps and an evaluation; the base, when absent, the pretraining
-(about 11 min). The other times were measured with the earlier `small` base and 300 R1-Zero steps.
+R1-Zero adds nothing when reused, else its 300 steps and an evaluation; the base, when absent, the pretraining
+(9-11 min). The other times were measured with the earlier `small` base and 300 R1-Zero steps.
 """
 
 from __future__ import annotations

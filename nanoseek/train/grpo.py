@@ -557,11 +557,11 @@ def reward_record(scores: Sequence[dict[str, float]], labels: Sequence[tuple[str
 
 # The shared options with RL's defaults: a small learning rate, constant for the first half and then a cosine to a
 # tenth, no weight decay. The decay made R1-Zero's gain larger and steadier from the same bases (docs/pretraining.md,
-# "GRPO's schedule": +11.4 / +9.9 against +9.4 / +6.0 with a constant rate). 360 steps: the `narrow` base's steps
-# cost about 0.7 of `small`'s, so this is more than small's 300 in fewer minutes; more steps gained more where a
-# higher learning rate did not ("A narrower model"). 420 steps took up to 13 minutes, too many for the pipeline's 25
+# "GRPO's schedule": +11.4 / +9.9 against +9.4 / +6.0 with a constant rate). 300 steps: the `narrow` base's steps
+# cost about 0.7 of `small`'s. More steps gained more where a higher learning rate did not ("A narrower model"), but
+# 420 steps took up to 13 minutes and 360 up to 11.7 on a 2-core CPU, too many for the pipeline's 25 with a margin
 # ("The acceptance round").
-GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=360, lr=1.5e-4, warmup_steps=5, decay_start=0.5,
+GRPO_TRAIN_DEFAULTS = TrainConfig(out_dir="runs/grpo", max_steps=300, lr=1.5e-4, warmup_steps=5, decay_start=0.5,
                                   weight_decay=0.0, save_every=20, eval_every=0, keep_last=2)
 # Shared options a GRPO run has no use for: its loss has no balance term and its forward returns no expert loads
 # (so the balancing biases stay), and it has no periodic held-out loss.
